@@ -1,0 +1,137 @@
+"""The `xcryonet` console script as a user runs it: simulate, extract, labels, and bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+FIXTURE = Path(__file__).parent / "fixtures" / "epu_real"
+SMALL = [
+    "--set", "simulate.squares_per_grid=40",
+    "--set", "simulate.tile_px=512",
+    "--set", "simulate.workers=1",
+]  # fmt: skip
+
+
+def run(*args, cwd=None, check=True):
+    """Run the installed console script; returns the CompletedProcess."""
+    exe = Path(sys.executable).with_name("xcryonet")
+    out = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    if check and out.returncode != 0:
+        raise AssertionError(f"exit {out.returncode}\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def assert_one_line_error(out, *needles):
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Three small simulated grids (one per layout), extracted through the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    run("simulate", "--params", root / "none.yaml", *SMALL, "--grids", 3, cwd=root)
+    grids = sorted((root / "data" / "raw").iterdir())
+    run("extract", *grids, "--out", root / "squares", "--params", root / "none.yaml", cwd=root)
+    return root
+
+
+def test_help_lists_subcommands():
+    out = run("--help")
+    for cmd in ("simulate", "extract", "inspect", "labels"):
+        assert cmd in out.stdout
+
+
+def test_inspect_real_fixture():
+    info = json.loads(run("inspect", FIXTURE).stdout)
+    assert info["format"] == "epu"
+    assert info["n_tiles"] == 35
+    assert info["n_software_squares"] == 222
+
+
+def test_simulate_extract_outputs(demo):
+    grids = sorted(p.name for p in (demo / "squares").iterdir())
+    assert grids == ["grid01", "grid02", "grid03"]
+    for grid in grids:
+        out = demo / "squares" / grid
+        table = pd.read_csv(out / "squares.csv")
+        for col in ("grid_id", "square_id", "row_px", "col_px", "x_um", "y_um", "size_um"):
+            assert col in table
+        assert table["brightness"].between(0, 4).all()
+        assert table["squareness"].between(0, 4).all()
+        with np.load(out / "crops.npz") as npz:
+            assert npz["crops"].shape[0] == len(table) == npz["masks"].shape[0]
+            assert npz["crops"].dtype == np.float32
+        assert (out / "overview.png").stat().st_size > 1000
+        truth = pd.read_csv(demo / "data" / "truth" / f"{grid}.csv")
+        assert len(table) >= 0.9 * truth["complete"].sum()
+
+
+def test_labels_join(demo):
+    info = json.loads(
+        run("labels", demo / "data" / "labels.csv", "--squares", demo / "squares").stdout
+    )
+    assert info["labels"] > 0
+    assert info["joined"] == info["labels"]
+
+
+def test_bad_atlas_one_line_error_no_output(tmp_path):
+    bad = tmp_path / "broken"
+    bad.mkdir()
+    (bad / "broken.mrc").write_bytes(b"\0" * 100)
+    out = run("extract", bad, "--out", tmp_path / "sq", check=False)
+    assert_one_line_error(out, "broken.mrc")
+    assert not (tmp_path / "sq" / "broken").exists()
+
+
+def test_bad_grid_does_not_stop_good_ones(demo, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "bad.mrc").write_bytes(b"junk")
+    out = run(
+        "extract", demo / "data" / "raw" / "grid03", bad, "--out", tmp_path / "sq", check=False
+    )
+    assert_one_line_error(out, "bad.mrc")
+    assert (tmp_path / "sq" / "grid03" / "squares.csv").exists()
+
+
+def test_rerun_keeps_old_output_on_failure(demo, tmp_path):
+    """A failing re-extraction never destroys an earlier good output."""
+    out_dir = tmp_path / "sq"
+    shutil.copytree(demo / "squares" / "grid03", out_dir / "grid03")
+    before = (out_dir / "grid03" / "squares.csv").read_bytes()
+    bad = tmp_path / "grid03"
+    bad.mkdir()
+    (bad / "grid03.mrc").write_bytes(b"junk" * 100)
+    assert_one_line_error(run("extract", bad, "--out", out_dir, check=False), "grid03.mrc")
+    assert (out_dir / "grid03" / "squares.csv").read_bytes() == before
+
+
+def test_bad_labels_line_number(demo, tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "grid_id,x_um,y_um,cracking,contamination,overall\ngrid01,0,0,1,1,1\ngrid01,5,5,7,1,1\n"
+    )
+    out = run("labels", labels, "--squares", demo / "squares", check=False)
+    assert_one_line_error(out, "labels.csv", "line 3", "outside the scores 0..4")
+
+
+def test_bad_params_and_missing_input(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("extract:\n  crop_px: big\n")
+    out = run("extract", FIXTURE, "--out", tmp_path / "o", "--params", params, check=False)
+    assert_one_line_error(out, "params.yaml", "crop_px")
+    out = run("inspect", tmp_path / "nothing-here", check=False)
+    assert_one_line_error(out, "nothing-here")
+    out = run("extract", FIXTURE, "--out", tmp_path / "o2", check=False)
+    assert_one_line_error(out, "no image")

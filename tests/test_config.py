@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xcryonet.config import Params, load_params, to_dict
+from xcryonet.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_params_yaml_mirrors_defaults():
+    """params.yaml holds every setting, and equals the dataclass defaults (the demo defaults)."""
+    assert load_params(ROOT / "params.yaml") == Params()
+    on_disk = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert on_disk == to_dict(Params())
+
+
+def test_unknown_key_rejected(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("extract:\n  crop_pix: 10\n")
+    with pytest.raises(InputError, match=r"unknown key 'extract.crop_pix'"):
+        load_params(p)
+
+
+def test_unknown_section_rejected(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("extrakt:\n  crop_px: 10\n")
+    with pytest.raises(InputError, match="extrakt"):
+        load_params(p)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "extract:\n  crop_px: 'big'\n",
+        "extract:\n  crop_px: 1.5\n",
+        "extract:\n  crop_px: true\n",
+        "simulate:\n  meshes: 200\n",
+        "simulate:\n  pixel_size_um: [1]\n",
+        "extract: 3\n",
+    ],
+)
+def test_wrong_type_rejected(tmp_path, text):
+    p = tmp_path / "params.yaml"
+    p.write_text(text)
+    with pytest.raises(InputError) as err:
+        load_params(p)
+    assert str(p) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    params = load_params(None, ["extract.crop_px=512", "simulate.meshes=[300]"])
+    assert params.extract.crop_px == 512
+    assert params.simulate.meshes == (300,)
+    # ints are accepted where floats are expected
+    assert load_params(None, ["simulate.pixel_size_um=1"]).simulate.pixel_size_um == 1.0
+
+
+def test_bad_override_rejected():
+    with pytest.raises(InputError, match="section.key=value"):
+        load_params(None, ["extract.crop_px"])
+    with pytest.raises(InputError, match="unknown key"):
+        load_params(None, ["extract.nope=1"])
+
+
+def test_config_is_frozen():
+    params = Params()
+    with pytest.raises(AttributeError):
+        params.extract.crop_px = 3  # type: ignore[misc]

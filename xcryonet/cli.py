@@ -1,0 +1,114 @@
+"""The ``xcryonet`` command line: a thin runner over :mod:`xcryonet.stages`.
+
+Every subcommand parses arguments, calls one stage function and prints its small result.
+Bad input (:class:`~xcryonet.errors.InputError`) prints one line, ``error: PATH: problem``, and
+exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from xcryonet.errors import InputError
+
+
+def _add_params(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param, e.g. --set extract.crop_px=512 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="xcryonet", description="Automated cryo-EM grid-square screening (XCryoNet)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="write the simulated demo grids, truth and labels.csv")
+    _add_params(p)
+    p.add_argument("--out", help="root folder for the grids (default: simulate.out_dir)")
+    p.add_argument("--labels", help="labels.csv to write (default: simulate.labels_path)")
+    p.add_argument("--truth", help="folder for per-grid truth CSVs (default: simulate.truth_dir)")
+    p.add_argument("--grids", type=int, help="number of grids (default: simulate.n_grids)")
+
+    p = sub.add_parser("extract", help="find, crop and auto-score every grid square of atlases")
+    _add_params(p)
+    p.add_argument("atlases", nargs="+", help="EPU atlas folders, SerialEM montages or MRC files")
+    p.add_argument(
+        "--out", help="output folder, one sub-folder per grid (default: extract.out_dir)"
+    )
+    p.add_argument(
+        "--workers", type=int, help="grids processed in parallel (default: extract.workers)"
+    )
+
+    p = sub.add_parser("inspect", help="print a JSON summary of an atlas")
+    p.add_argument("path", help="EPU atlas folder or Atlas.dm, SerialEM montage, or MRC file")
+
+    p = sub.add_parser("labels", help="check a labels.csv against extracted squares")
+    p.add_argument("labels", help="labels.csv")
+    p.add_argument("--squares", required=True, help="output folder of `xcryonet extract`")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 failure, 2 bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Stage imports are deferred so `xcryonet --help` stays fast.
+    from xcryonet import stages
+    from xcryonet.config import load_params
+
+    if args.command == "inspect":
+        print(json.dumps(stages.inspect(Path(args.path)), indent=2))
+        return 0
+    if args.command == "labels":
+        print(json.dumps(stages.check_labels(Path(args.labels), Path(args.squares)), indent=2))
+        return 0
+    params = load_params(args.params, args.overrides)
+    if args.command == "simulate":
+        result = stages.simulate(
+            params.simulate,
+            out_dir=args.out,
+            labels_path=args.labels,
+            truth_dir=args.truth,
+            n_grids=args.grids,
+        )
+        print(json.dumps(result, indent=2))
+        return 0
+    if args.command == "extract":
+        result = stages.extract(
+            [Path(a) for a in args.atlases],
+            Path(args.out or params.extract.out_dir),
+            params.extract,
+            workers=args.workers,
+        )
+        print(json.dumps(result, indent=2))
+        for problem in result["failed"]:
+            print(f"error: {problem}", file=sys.stderr)
+        return 0 if not result["failed"] else 2
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Typed mirror of ``params.yaml``: one frozen dataclass per section.
+
+Loading rejects unknown keys and wrong types, so a typo in ``params.yaml`` or in a
+``--set key=value`` override fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from xcryonet.errors import InputError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SimulateConfig:
+    """Grid simulator settings (``simulate:`` in params.yaml)."""
+
+    seed: int = 20200904
+    n_grids: int = 12
+    out_dir: str = "data/raw"
+    labels_path: str = "data/labels.csv"
+    truth_dir: str = "data/truth"
+    # Layouts are cycled over the grids: epu, serialem, mrc.
+    layouts: tuple[str, ...] = ("epu", "serialem", "mrc")
+    # Meshes (lines per inch: 200, 300, 400) are cycled out of phase with the layouts, so
+    # every layout meets every mesh.
+    meshes: tuple[int, ...] = (200, 300, 400)
+    # Native pixel size of the simulated tiles (µm/px); real EPU atlases are about 0.47, and
+    # 0.52 keeps the 12-grid demo under 300 MB.
+    pixel_size_um: float = 0.52
+    # Complete squares wanted per grid (paper: 250); the imaged field is sized to hold them.
+    squares_per_grid: int = 250
+    # Side of one (square) tile in pixels, and the fraction shared with a neighbour. 512 px is
+    # about 270 µm, like a real EPU atlas tile (392 x 278 µm); the many tiles of a real atlas
+    # are what pins the pixel -> stage map down to about 1 µm despite a 2 µm stage error.
+    tile_px: int = 512
+    overlap: float = 0.09
+    # S.d. of the error of each reported tile stage position, µm per axis.
+    stage_error_um: float = 2.0
+    # Fraction of squares with a visible defect (SmartScope: about a third).
+    defect_fraction: float = 0.33
+    # Fraction of the complete squares that get an operator label in labels.csv.
+    label_fraction: float = 0.35
+    # S.d. of the operator's click on a square's centre, µm per axis.
+    label_click_um: float = 2.0
+    # Grids simulated in parallel (processes).
+    workers: int = 2
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Square extraction settings (``extract:`` in params.yaml)."""
+
+    out_dir: str = "squares"
+    # The pitch and orientation are read off the atlas downsampled to about this side (px).
+    fourier_px: int = 1024
+    # The coarse matching pass runs at about this many pixels per mesh pitch.
+    coarse_px_per_pitch: float = 24.0
+    # Normalized cross-correlation threshold for a peak to count as a square.
+    ncc_threshold: float = 0.3
+    # A lattice site below the NCC threshold is still a square when its centre is brighter than
+    # the bars around it by this fraction of (open - bar level); sites inside the hull of the
+    # squares found are squares whatever their contrast (thick ice, occluded).
+    min_contrast: float = 0.25
+    # Open-area mask: brighter than bar + open_fraction * (open - bar), with the square's own bar
+    # level and the 90th percentile of its footprint as open.
+    open_fraction: float = 0.3
+    # Crop side in px; 0 = automatic (paper: 640 px for squares of about that size, i.e.
+    # crop_px: 640 at paper scale).
+    crop_px: int = 0
+    # Automatic crop side relative to the turned square's axis-aligned extent,
+    # side x (|cos| + |sin|) of the lattice angle.
+    crop_margin: float = 1.15
+    # Threads for the full-resolution refinement of one grid.
+    threads: int = 2
+    # Parallel grids.
+    workers: int = 2
+
+
+@dataclass(frozen=True)
+class Params:
+    """All settings, as in ``params.yaml``."""
+
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+
+
+def _check_type(value: Any, tp: Any, where: str, source: str) -> Any:
+    """Return ``value`` converted to ``tp`` or raise InputError (ints are accepted as floats)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise InputError(source, f"{where} must be a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where, source)  # type: ignore[arg-type]
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, where, source)
+            except InputError as err:
+                errors.append(err.problem)
+        raise InputError(source, errors[0] if errors else f"{where} has a wrong type")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise InputError(source, f"{where} must be a list, got {type(value).__name__}")
+        (item_tp, *_rest) = typing.get_args(tp)
+        return tuple(_check_type(v, item_tp, f"{where}[{i}]", source) for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InputError(source, f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(source, f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise InputError(source, f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise InputError(source, f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {where}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "", source: str = "params") -> T:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise InputError(source, f"unknown key {key!r} (known: {', '.join(sorted(names))})")
+    kwargs = {
+        k: _check_type(v, hints[k], f"{where}.{k}" if where else k, source) for k, v in data.items()
+    }
+    return cls(**kwargs)
+
+
+def to_dict(params: Any) -> dict[str, Any]:
+    """Plain nested dict of a config dataclass (tuples become lists), e.g. for logging."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(dataclasses.asdict(params))
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    """``"extract.crop_px=512"`` -> (["extract", "crop_px"], 512), the value parsed as YAML."""
+    if "=" not in text:
+        raise InputError("--set", f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = ()) -> Params:  # type: ignore[assignment]
+    """Load ``params.yaml`` (defaults when ``path`` is None or missing) plus ``--set`` overrides."""
+    data: dict[str, Any] = {}
+    source = str(path) if path is not None else "params"
+    if path is not None and Path(path).exists():
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise InputError(path, f"is not valid YAML ({err})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise InputError(path, "must be a mapping of sections")
+        data = loaded
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise InputError("--set", f"{text!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return from_dict(Params, data, "", source)

@@ -1,0 +1,206 @@
+"""Stage functions: one per pipeline step. Each reads its inputs, calls the core, writes its outputs
+atomically and returns a small JSON-able result. The CLI, dvc.yaml, Prefect and the dashboard all
+call these, so every piece of logic is written once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from xcryonet.config import ExtractConfig, SimulateConfig, to_dict
+from xcryonet.errors import InputError
+from xcryonet.io.atomic import atomic_dir
+
+SQUARES_CSV = "squares.csv"
+CROPS_NPZ = "crops.npz"
+OVERVIEW_PNG = "overview.png"
+ATLAS_JSON = "atlas.json"
+
+
+def simulate(
+    cfg: SimulateConfig,
+    *,
+    out_dir: str | None = None,
+    labels_path: str | None = None,
+    truth_dir: str | None = None,
+    n_grids: int | None = None,
+) -> dict[str, Any]:
+    """Write the simulated demo dataset (grids, truth, labels.csv); see xcryonet.simulate."""
+    from dataclasses import replace
+
+    from xcryonet.simulate import simulate_dataset
+
+    changes: dict[str, Any] = {}
+    if out_dir is not None:
+        changes["out_dir"] = out_dir
+    if labels_path is not None:
+        changes["labels_path"] = labels_path
+    if truth_dir is not None:
+        changes["truth_dir"] = truth_dir
+    if n_grids is not None:
+        changes["n_grids"] = n_grids
+    return simulate_dataset(replace(cfg, **changes))
+
+
+def inspect(path: Path) -> dict[str, Any]:
+    """JSON summary of an atlas: format, tiles, shape, pixel size, affine, software squares."""
+    from xcryonet.io import inspect_atlas
+
+    return inspect_atlas(path)
+
+
+def extract_grid(atlas_path: Path, out_root: Path, cfg: ExtractConfig) -> dict[str, Any]:
+    """Find, crop and auto-label every square of one atlas; write ``out_root/<grid_id>/``.
+
+    Writes ``squares.csv`` (one row per square: ids, atlas px, stage µm, size, auto-labels),
+    ``crops.npz`` (``crops`` (N, S, S) float32 at native resolution, ``masks`` (N, S, S) bool open
+    area), ``overview.png`` and ``atlas.json``. The grid folder appears only when complete.
+    """
+    from xcryonet.autolabel import auto_brightness, auto_squareness
+    from xcryonet.extract import NoLatticeError, crop_square, find_squares
+    from xcryonet.io import grid_id_for, read_atlas
+    from xcryonet.overview import render_overview
+
+    atlas = read_atlas(atlas_path)
+    if atlas.image is None:
+        raise InputError(atlas_path, "has metadata but no image (no tiles and no stitched atlas)")
+    grid_id = grid_id_for(atlas_path)
+    try:
+        result = find_squares(atlas.image, atlas.pixel_size_um, cfg)
+    except NoLatticeError as err:
+        raise InputError(atlas_path, f"no grid-square lattice found ({err})") from None
+    # Number squares in lattice raster order, so neighbours on the overview have close numbers.
+    squares = sorted(result.squares, key=lambda s: (s.index[0], s.index[1]))
+    crops, masks, bright, square = [], [], [], []
+    for sq in squares:
+        crop, mask = crop_square(atlas.image, sq, cfg)
+        crops.append(crop)
+        masks.append(mask)
+        bright.append(auto_brightness(crop, mask, result.levels))
+        square.append(auto_squareness(crop, mask, nominal_px=result.lattice.square_px))
+    rows = np.array([s.row_px for s in squares], float)
+    cols = np.array([s.col_px for s in squares], float)
+    xy = atlas.pixel_to_stage(rows, cols) if len(squares) else np.zeros((0, 2))
+    size_px = np.array([s.size_px for s in squares], float)
+    pitch_um = result.lattice.pitch_px * atlas.pixel_size_um
+    table = pd.DataFrame(
+        {
+            "grid_id": grid_id,
+            "square_id": np.arange(len(squares)),
+            "row_px": rows.round(2),
+            "col_px": cols.round(2),
+            "x_um": xy[:, 0].round(3),
+            "y_um": xy[:, 1].round(3),
+            "size_um": (size_px * atlas.pixel_size_um).round(3),
+            "size_px": size_px.round(2),
+            "pitch_um": round(pitch_um, 3),
+            "ncc": np.array([s.ncc for s in squares], float).round(4),
+            "complete": [bool(s.complete) for s in squares],
+            "brightness": np.array(bright, int),
+            "squareness": np.array(square, int),
+        }
+    )
+    summary = {
+        "grid_id": grid_id,
+        "atlas": str(atlas_path),
+        "format": atlas.format,
+        "shape": list(atlas.shape),
+        "pixel_size_um": atlas.pixel_size_um,
+        "affine": atlas.affine.tolist(),
+        "affine_source": atlas.affine_source,
+        "lattice": {k: _jsonable(v) for k, v in asdict(result.lattice).items()},
+        "levels": {k: _jsonable(v) for k, v in asdict(result.levels).items()},
+        "n_squares": len(squares),
+        "n_complete": int(table["complete"].sum()),
+        "config": to_dict(cfg),
+    }
+    with atomic_dir(out_root / grid_id) as tmp:
+        table.to_csv(tmp / SQUARES_CSV, index=False)
+        side = max((c.shape[0] for c in crops), default=0)
+        np.savez(
+            tmp / CROPS_NPZ,
+            crops=np.stack(crops) if crops else np.zeros((0, side, side), np.float32),
+            masks=np.stack(masks) if masks else np.zeros((0, side, side), bool),
+        )
+        angles = np.array([s.angle_deg for s in squares], float)
+        render_overview(atlas.image, rows, cols, size_px, angles_deg=angles).save(
+            tmp / OVERVIEW_PNG
+        )
+        (tmp / ATLAS_JSON).write_text(json.dumps(summary, indent=2))
+    return {"grid_id": grid_id, "n_squares": len(squares), "out": str(out_root / grid_id)}
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def extract(
+    atlases: list[Path], out_root: Path, cfg: ExtractConfig, *, workers: int | None = None
+) -> dict[str, Any]:
+    """Extract several grids in parallel, with a progress bar.
+
+    A grid that fails with bad input is reported (one line each) and leaves no output; the others
+    still complete. Returns ``{"grids": [...], "failed": [...]}``.
+    """
+    workers = max(1, min(workers or cfg.workers, len(atlases), os.cpu_count() or 1))
+    done: list[dict[str, Any]] = []
+    failed: list[str] = []
+    bar = tqdm(total=len(atlases), desc="extract", unit="grid")
+    if workers == 1:
+        for path in atlases:
+            try:
+                done.append(extract_grid(path, out_root, cfg))
+            except InputError as err:
+                failed.append(str(err))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(extract_grid, p, out_root, cfg): p for p in atlases}
+            for fut in as_completed(futures):
+                try:
+                    done.append(fut.result())
+                except InputError as err:
+                    failed.append(str(err))
+                bar.update()
+    bar.close()
+    done.sort(key=lambda d: d["grid_id"])
+    return {"grids": done, "failed": failed, "n_squares": sum(d["n_squares"] for d in done)}
+
+
+def load_squares(squares_root: Path) -> pd.DataFrame:
+    """All ``squares.csv`` tables under an extraction output folder, concatenated."""
+    files = sorted(Path(squares_root).glob(f"*/{SQUARES_CSV}"))
+    if not files:
+        raise InputError(squares_root, f"holds no */{SQUARES_CSV}: run `xcryonet extract` first")
+    return pd.concat([pd.read_csv(f, dtype={"grid_id": str}) for f in files], ignore_index=True)
+
+
+def check_labels(labels_path: Path, squares_root: Path) -> dict[str, Any]:
+    """Validate labels.csv and join it to the extracted squares; returns counts per grid."""
+    from xcryonet.labels import join_labels, read_labels
+
+    labels = read_labels(labels_path)
+    joined = join_labels(load_squares(squares_root), labels, path=labels_path)
+    labelled = joined["label_line"] > 0
+    per_grid = joined[labelled].groupby("grid_id").size().to_dict()
+    return {
+        "labels": len(labels),
+        "joined": int(labelled.sum()),
+        "unmatched": len(labels) - int(labelled.sum()),
+        "per_grid": {str(k): int(v) for k, v in per_grid.items()},
+    }
