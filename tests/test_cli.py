@@ -71,7 +71,7 @@ def test_simulate_extract_outputs(demo):
         assert table["squareness"].between(0, 4).all()
         with np.load(out / "crops.npz") as npz:
             assert npz["crops"].shape[0] == len(table) == npz["masks"].shape[0]
-            assert npz["crops"].dtype == np.float32
+            assert npz["crops"].dtype == np.float16
         assert (out / "overview.png").stat().st_size > 1000
         truth = pd.read_csv(demo / "data" / "truth" / f"{grid}.csv")
         assert len(table) >= 0.9 * truth["complete"].sum()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -62,8 +62,9 @@ def extract_grid(atlas_path: Path, out_root: Path, cfg: ExtractConfig) -> dict[s
     """Find, crop and auto-label every square of one atlas; write ``out_root/<grid_id>/``.
 
     Writes ``squares.csv`` (one row per square: ids, atlas px, stage µm, size, auto-labels),
-    ``crops.npz`` (``crops`` (N, S, S) float32 at native resolution, ``masks`` (N, S, S) bool open
-    area), ``overview.png`` and ``atlas.json``. The grid folder appears only when complete.
+    ``crops.npz`` (``crops`` (N, S, S) float16 at native resolution, as relative transmission:
+    0 = the grid's bar level, 1 = its vacuum level; ``masks`` (N, S, S) bool open area),
+    ``overview.png`` and ``atlas.json``. The grid folder appears only when complete.
     """
     from xcryonet.autolabel import auto_brightness, auto_squareness
     from xcryonet.extract import NoLatticeError, crop_square, find_squares
@@ -73,6 +74,7 @@ def extract_grid(atlas_path: Path, out_root: Path, cfg: ExtractConfig) -> dict[s
     atlas = read_atlas(atlas_path)
     if atlas.image is None:
         raise InputError(atlas_path, "has metadata but no image (no tiles and no stitched atlas)")
+    image = atlas.image
     grid_id = grid_id_for(atlas_path)
     try:
         result = find_squares(atlas.image, atlas.pixel_size_um, cfg)
@@ -80,13 +82,26 @@ def extract_grid(atlas_path: Path, out_root: Path, cfg: ExtractConfig) -> dict[s
         raise InputError(atlas_path, f"no grid-square lattice found ({err})") from None
     # Number squares in lattice raster order, so neighbours on the overview have close numbers.
     squares = sorted(result.squares, key=lambda s: (s.index[0], s.index[1]))
-    crops, masks, bright, square = [], [], [], []
-    for sq in squares:
-        crop, mask = crop_square(atlas.image, sq, cfg)
-        crops.append(crop)
-        masks.append(mask)
-        bright.append(auto_brightness(crop, mask, result.levels))
-        square.append(auto_squareness(crop, mask, nominal_px=result.lattice.square_px))
+    # Crops are stored as relative transmission (0 = the grid's bars, 1 = its vacuum level), so
+    # they compare between grids whatever the dose or gain, and float16 is then ample.
+    levels = result.levels
+    span = max(float(levels.vacuum - levels.bar), 1e-12)
+    side = max((int(sq.crop_px) for sq in squares), default=0)
+    crops = np.zeros((len(squares), side, side), np.float16)
+    masks = np.zeros((len(squares), side, side), bool)
+    bright = np.zeros(len(squares), int)
+    square = np.zeros(len(squares), int)
+
+    def crop_and_label(i: int) -> None:
+        crop, mask = crop_square(image, squares[i], cfg)
+        bright[i] = auto_brightness(crop, mask, levels)
+        square[i] = auto_squareness(crop, mask, nominal_px=result.lattice.square_px)
+        crops[i] = (crop - np.float32(levels.bar)) / np.float32(span)
+        masks[i] = mask
+
+    # numpy and scikit-image release the GIL in the heavy parts, so threads share the work.
+    with ThreadPoolExecutor(max_workers=max(1, cfg.threads)) as pool:
+        list(pool.map(crop_and_label, range(len(squares))))
     rows = np.array([s.row_px for s in squares], float)
     cols = np.array([s.col_px for s in squares], float)
     xy = atlas.pixel_to_stage(rows, cols) if len(squares) else np.zeros((0, 2))
@@ -105,8 +120,8 @@ def extract_grid(atlas_path: Path, out_root: Path, cfg: ExtractConfig) -> dict[s
             "pitch_um": round(pitch_um, 3),
             "ncc": np.array([s.ncc for s in squares], float).round(4),
             "complete": [bool(s.complete) for s in squares],
-            "brightness": np.array(bright, int),
-            "squareness": np.array(square, int),
+            "brightness": bright,
+            "squareness": square,
         }
     )
     summary = {
@@ -125,12 +140,7 @@ def extract_grid(atlas_path: Path, out_root: Path, cfg: ExtractConfig) -> dict[s
     }
     with atomic_dir(out_root / grid_id) as tmp:
         table.to_csv(tmp / SQUARES_CSV, index=False)
-        side = max((c.shape[0] for c in crops), default=0)
-        np.savez(
-            tmp / CROPS_NPZ,
-            crops=np.stack(crops) if crops else np.zeros((0, side, side), np.float32),
-            masks=np.stack(masks) if masks else np.zeros((0, side, side), bool),
-        )
+        np.savez(tmp / CROPS_NPZ, crops=crops, masks=masks)
         angles = np.array([s.angle_deg for s in squares], float)
         render_overview(atlas.image, rows, cols, size_px, angles_deg=angles).save(
             tmp / OVERVIEW_PNG
