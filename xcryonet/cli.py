@@ -80,10 +80,16 @@ def _run(args: argparse.Namespace) -> int:
     from xcryonet.config import load_params
 
     if args.command == "inspect":
-        print(json.dumps(stages.inspect(Path(args.path)), indent=2))
+        print(json.dumps(stages.inspect(Path(args.path)), indent=2, ensure_ascii=False))
         return 0
     if args.command == "labels":
-        print(json.dumps(stages.check_labels(Path(args.labels), Path(args.squares)), indent=2))
+        print(
+            json.dumps(
+                stages.check_labels(Path(args.labels), Path(args.squares)),
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
         return 0
     params = load_params(args.params, args.overrides)
     if args.command == "simulate":
@@ -94,7 +100,7 @@ def _run(args: argparse.Namespace) -> int:
             truth_dir=args.truth,
             n_grids=args.grids,
         )
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2, ensure_ascii=False))
         return 0
     if args.command == "extract":
         result = stages.extract(
@@ -103,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
             params.extract,
             workers=args.workers,
         )
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2, ensure_ascii=False))
         for problem in result["failed"]:
             print(f"error: {problem}", file=sys.stderr)
         return 0 if not result["failed"] else 2
