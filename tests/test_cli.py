@@ -135,3 +135,81 @@ def test_bad_params_and_missing_input(tmp_path):
     assert_one_line_error(out, "nothing-here")
     out = run("extract", FIXTURE, "--out", tmp_path / "o2", check=False)
     assert_one_line_error(out, "no image")
+
+
+TINY_MODEL = [
+    "--set", "model.input_px=32",
+    "--set", "model.width=4",
+    "--set", "model.hidden=16",
+    "--set", "train.epochs=1",
+    "--set", "train.progress=false",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(demo):
+    out = demo / "model"
+    run(
+        "train", "--squares", demo / "squares", "--labels", demo / "data" / "labels.csv",
+        "--out", out, "--labeled", 20, "--unlabeled", 30, "--params", demo / "none.yaml",
+        *TINY_MODEL,
+    )  # fmt: skip
+    return out
+
+
+def test_train_evaluate_score(demo, model_dir, tmp_path):
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert metrics["labeled"] == 20 and metrics["unlabeled"] == 30
+    mae = json.loads(
+        run(
+            "evaluate", "--model", model_dir, "--squares", demo / "squares",
+            "--labels", demo / "data" / "labels.csv",
+        ).stdout
+    )["mae"]  # fmt: skip
+    assert set(mae) == {"brightness", "squareness", "cracking", "contamination", "overall"}
+    assert all(0 <= v <= 4 for v in mae.values())
+
+    grid = demo / "data" / "raw" / "grid01"
+    targets_csv, att, nav = tmp_path / "t.csv", tmp_path / "att", tmp_path / "t.nav"
+    out = run(
+        "score", grid, "--model", model_dir, "--out", targets_csv, "--attention", att,
+        "--nav", nav, "--top", 5, "--params", demo / "none.yaml",
+    )  # fmt: skip
+    info = json.loads(out.stdout)
+    targets = pd.read_csv(targets_csv)
+    assert list(targets.columns) == [
+        "grid_id", "square_id", "x_um", "y_um", "brightness", "squareness", "cracking",
+        "contamination", "overall", "rank",
+    ]  # fmt: skip
+    ranked = targets.dropna(subset=["rank"])
+    assert ranked["rank"].tolist() == list(range(1, len(ranked) + 1))
+    assert ranked["overall"].is_monotonic_decreasing
+    assert info["n_squares"] == len(targets)
+    assert len(list(att.glob("square_*.png"))) == len(targets)
+    assert (att / "overview.png").exists()
+    from xcryonet.io.nav import read_navigator
+
+    items = read_navigator(nav)
+    assert len(items) == 5
+    top = ranked.head(5)
+    got = np.array([it["StageXYZ"][:2] for it in items])
+    assert np.allclose(got, top[["x_um", "y_um"]].to_numpy(), atol=1e-3)
+
+
+def test_score_bad_input(demo, model_dir, tmp_path):
+    out = run("score", demo / "data" / "raw" / "grid01", "--model", tmp_path, "--out",
+              tmp_path / "t.csv", check=False)  # fmt: skip
+    assert_one_line_error(out, str(tmp_path), "no model.pt")
+    assert not (tmp_path / "t.csv").exists()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "bad.mrc").write_bytes(b"junk" * 64)
+    out = run("score", bad, "--model", model_dir, "--out", tmp_path / "t.csv", check=False)
+    assert_one_line_error(out, "bad.mrc")
+    assert not (tmp_path / "t.csv").exists()
+    out = run("train", "--squares", tmp_path / "nope", "--labels", demo / "data" / "labels.csv",
+              "--out", tmp_path / "m", check=False)  # fmt: skip
+    assert_one_line_error(out, "nope")
+    out = run("evaluate", "--model", tmp_path / "nomodel", "--squares", demo / "squares",
+              "--labels", demo / "data" / "labels.csv", check=False)  # fmt: skip
+    assert_one_line_error(out, "nomodel")

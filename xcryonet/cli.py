@@ -52,6 +52,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, help="grids processed in parallel (default: extract.workers)"
     )
 
+    p = sub.add_parser("train", help="train XCryoNet (three phases) on squares and labels")
+    _add_params(p)
+    p.add_argument("--squares", required=True, help="output folder of `xcryonet extract`")
+    p.add_argument("--labels", required=True, help="labels.csv")
+    p.add_argument("--out", required=True, help="model folder (resumes from its checkpoint)")
+    p.add_argument("--variant", default="xcryonet", choices=("xcryonet", "primary"))
+    p.add_argument("--supervision", default="ss", choices=("ss", "fs"))
+    p.add_argument("--labeled", type=int, help="labelled squares to train on (default: all)")
+    p.add_argument("--unlabeled", type=int, help="unlabelled squares for ss (default: all)")
+
+    p = sub.add_parser("evaluate", help="print the MAE per score of a model as JSON")
+    p.add_argument("--model", required=True, help="model folder written by `xcryonet train`")
+    p.add_argument("--squares", required=True, help="output folder of `xcryonet extract`")
+    p.add_argument("--labels", required=True, help="labels.csv")
+
+    p = sub.add_parser("score", help="score a new grid: ranked targets in stage coordinates")
+    _add_params(p)
+    p.add_argument("atlas", help="EPU atlas folder, SerialEM montage or MRC file")
+    p.add_argument("--model", required=True, help="model folder written by `xcryonet train`")
+    p.add_argument("--out", required=True, help="targets CSV to write")
+    p.add_argument("--attention", help="folder for attention-map pictures of every square")
+    p.add_argument(
+        "--nav",
+        help="SerialEM navigator file of the top squares (registration 1: transform the items "
+        "in SerialEM first if the grid was reloaded)",
+    )
+    p.add_argument("--top", type=int, default=20, help="squares in the navigator (default 20)")
+
     p = sub.add_parser("inspect", help="print a JSON summary of an atlas")
     p.add_argument("path", help="EPU atlas folder or Atlas.dm, SerialEM montage, or MRC file")
 
@@ -91,7 +119,36 @@ def _run(args: argparse.Namespace) -> int:
             )
         )
         return 0
+    if args.command == "evaluate":
+        result = stages.evaluate_model(Path(args.model), Path(args.squares), Path(args.labels))
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return 0
     params = load_params(args.params, args.overrides)
+    if args.command == "train":
+        result = stages.train_model(
+            Path(args.squares),
+            Path(args.labels),
+            Path(args.out),
+            params,
+            variant=args.variant,
+            supervision=args.supervision,
+            labeled=args.labeled,
+            unlabeled=args.unlabeled,
+        )
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return 0
+    if args.command == "score":
+        result = stages.score(
+            Path(args.atlas),
+            Path(args.model),
+            Path(args.out),
+            params.extract,
+            attention_dir=Path(args.attention) if args.attention else None,
+            nav_path=Path(args.nav) if args.nav else None,
+            top_n=args.top,
+        )
+        print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
+        return 0
     if args.command == "simulate":
         result = stages.simulate(
             params.simulate,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from xcryonet.config import ExtractConfig, SimulateConfig, to_dict
+from xcryonet.config import ExtractConfig, Params, SimulateConfig, to_dict
 from xcryonet.errors import InputError
+from xcryonet.io.atlas import Atlas
 from xcryonet.io.atomic import atomic_dir
 
 SQUARES_CSV = "squares.csv"
@@ -58,18 +59,34 @@ def inspect(path: Path) -> dict[str, Any]:
     return inspect_atlas(path)
 
 
-def extract_grid(atlas_path: Path, out_root: Path, cfg: ExtractConfig) -> dict[str, Any]:
-    """Find, crop and auto-label every square of one atlas; write ``out_root/<grid_id>/``.
+@dataclass
+class ExtractedGrid:
+    """One atlas' squares, in memory (what ``extract_grid`` writes and ``score`` consumes).
 
-    Writes ``squares.csv`` (one row per square: ids, atlas px, stage µm, size, auto-labels),
-    ``crops.npz`` (``crops`` (N, S, S) float16 at native resolution, as relative transmission:
-    0 = the grid's bar level, 1 = its vacuum level; ``masks`` (N, S, S) bool open area),
-    ``overview.png`` and ``atlas.json``. The grid folder appears only when complete.
+    Attributes:
+        grid_id: the grid's id (its folder name).
+        atlas: the atlas read from disk.
+        table: one row per square (the squares.csv columns).
+        crops: (N, S, S) float16 relative transmission (0 = bars, 1 = vacuum), native px.
+        masks: (N, S, S) bool open area.
+        angles_deg: (N,) square orientation (see ``xcryonet.extract.Lattice.angle_deg``).
+        summary: JSON-able facts about the atlas and the lattice (atlas.json).
     """
+
+    grid_id: str
+    atlas: Atlas
+    table: pd.DataFrame
+    crops: np.ndarray
+    masks: np.ndarray
+    angles_deg: np.ndarray
+    summary: dict[str, Any]
+
+
+def extract_atlas(atlas_path: Path, cfg: ExtractConfig) -> ExtractedGrid:
+    """Read an atlas, find, crop and auto-label every square; nothing is written."""
     from xcryonet.autolabel import auto_brightness, auto_squareness
     from xcryonet.extract import NoLatticeError, crop_square, find_squares
     from xcryonet.io import grid_id_for, read_atlas
-    from xcryonet.overview import render_overview
 
     atlas = read_atlas(atlas_path)
     if atlas.image is None:
@@ -77,7 +94,7 @@ def extract_grid(atlas_path: Path, out_root: Path, cfg: ExtractConfig) -> dict[s
     image = atlas.image
     grid_id = grid_id_for(atlas_path)
     try:
-        result = find_squares(atlas.image, atlas.pixel_size_um, cfg)
+        result = find_squares(image, atlas.pixel_size_um, cfg)
     except NoLatticeError as err:
         raise InputError(atlas_path, f"no grid-square lattice found ({err})") from None
     # Number squares in lattice raster order, so neighbours on the overview have close numbers.
@@ -138,15 +155,31 @@ def extract_grid(atlas_path: Path, out_root: Path, cfg: ExtractConfig) -> dict[s
         "n_complete": int(table["complete"].sum()),
         "config": to_dict(cfg),
     }
-    with atomic_dir(out_root / grid_id) as tmp:
-        table.to_csv(tmp / SQUARES_CSV, index=False)
-        np.savez(tmp / CROPS_NPZ, crops=crops, masks=masks)
-        angles = np.array([s.angle_deg for s in squares], float)
-        render_overview(atlas.image, rows, cols, size_px, angles_deg=angles).save(
-            tmp / OVERVIEW_PNG
-        )
-        (tmp / ATLAS_JSON).write_text(json.dumps(summary, indent=2))
-    return {"grid_id": grid_id, "n_squares": len(squares), "out": str(out_root / grid_id)}
+    angles = np.array([s.angle_deg for s in squares], float)
+    return ExtractedGrid(grid_id, atlas, table, crops, masks, angles, summary)
+
+
+def extract_grid(atlas_path: Path, out_root: Path, cfg: ExtractConfig) -> dict[str, Any]:
+    """Find, crop and auto-label every square of one atlas; write ``out_root/<grid_id>/``.
+
+    Writes ``squares.csv`` (one row per square: ids, atlas px, stage µm, size, auto-labels),
+    ``crops.npz`` (``crops`` (N, S, S) float16 at native resolution, as relative transmission:
+    0 = the grid's bar level, 1 = its vacuum level; ``masks`` (N, S, S) bool open area),
+    ``overview.png`` and ``atlas.json``. The grid folder appears only when complete.
+    """
+    from xcryonet.overview import render_overview
+
+    grid = extract_atlas(atlas_path, cfg)
+    t = grid.table
+    assert grid.atlas.image is not None
+    with atomic_dir(out_root / grid.grid_id) as tmp:
+        t.to_csv(tmp / SQUARES_CSV, index=False)
+        np.savez(tmp / CROPS_NPZ, crops=grid.crops, masks=grid.masks)
+        rc_size = t[["row_px", "col_px", "size_px"]].to_numpy(float).T
+        picture = render_overview(grid.atlas.image, *rc_size, angles_deg=grid.angles_deg)
+        picture.save(tmp / OVERVIEW_PNG)
+        (tmp / ATLAS_JSON).write_text(json.dumps(grid.summary, indent=2))
+    return {"grid_id": grid.grid_id, "n_squares": len(t), "out": str(out_root / grid.grid_id)}
 
 
 def _jsonable(v: Any) -> Any:
@@ -213,4 +246,108 @@ def check_labels(labels_path: Path, squares_root: Path) -> dict[str, Any]:
         "joined": int(labelled.sum()),
         "unmatched": len(labels) - int(labelled.sum()),
         "per_grid": {str(k): int(v) for k, v in per_grid.items()},
+    }
+
+
+def train_model(
+    squares_dir: Path,
+    labels_csv: Path,
+    out_dir: Path,
+    params: Params,
+    *,
+    variant: str = "xcryonet",
+    supervision: str = "ss",
+    labeled: int | None = None,
+    unlabeled: int | None = None,
+) -> dict[str, Any]:
+    """Train a variant on extracted squares and operator labels; see ``xcryonet.train.train``."""
+    from xcryonet.train import train
+
+    return train(
+        squares_dir,
+        labels_csv,
+        out_dir,
+        params.train,
+        model_cfg=params.model,
+        variant=variant,
+        supervision=supervision,
+        labeled=labeled,
+        unlabeled=unlabeled,
+    )
+
+
+def evaluate_model(model_dir: Path, squares_dir: Path, labels_csv: Path) -> dict[str, Any]:
+    """MAE per score of a trained model on every labelled square of a dataset."""
+    from xcryonet.train import evaluate_dir
+
+    return {"mae": evaluate_dir(model_dir, squares_dir, labels_csv)}
+
+
+def score(
+    atlas_path: Path,
+    model_dir: Path,
+    out_csv: Path,
+    cfg: ExtractConfig,
+    *,
+    attention_dir: Path | None = None,
+    nav_path: Path | None = None,
+    top_n: int = 20,
+) -> dict[str, Any]:
+    """Score a new grid: extract its squares, predict the five scores, rank the targets.
+
+    Writes ``out_csv`` (``grid_id, square_id, x_um, y_um, <five scores>, rank``; rank 1 = best,
+    blank for squares cut by the image edge or rim); with ``attention_dir``, one picture per
+    square (``square_<id>.png``: the square and its cracking and contamination attention) and
+    ``overview.png`` (squares coloured by overall, red 0 to green 4); with ``nav_path``, a
+    SerialEM navigator file of the top ``top_n`` squares at their stage positions.
+    """
+    import time
+
+    from xcryonet.explain import render_attention, square_attention
+    from xcryonet.io.atomic import atomic_path
+    from xcryonet.io.nav import write_navigator
+    from xcryonet.overview import render_overview
+    from xcryonet.targets import rank_targets, select_top
+    from xcryonet.train import load_model, predict
+
+    t0 = time.perf_counter()
+    if not (Path(model_dir) / "model.pt").exists():
+        raise InputError(model_dir, "is not a model folder (no model.pt): train one first")
+    model, _ = load_model(model_dir)
+    grid = extract_atlas(atlas_path, cfg)
+    crops = grid.crops.astype(np.float32)
+    scores = predict(model, crops)
+    targets = rank_targets(grid.table, scores)
+    with atomic_path(out_csv) as tmp:
+        targets.to_csv(tmp, index=False)
+    if nav_path is not None:
+        write_navigator(nav_path, select_top(targets, top_n), grid_id=grid.grid_id)
+    if attention_dir is not None:
+        assert grid.atlas.image is not None
+        inputs, maps = square_attention(model, crops)
+        with atomic_dir(attention_dir) as tmp_dir:
+
+            def save_one(i: int) -> None:
+                sid = grid.table["square_id"].iat[i]
+                picture = render_attention(
+                    inputs[i], maps[i], scores[i], title=f"{grid.grid_id} #{sid}"
+                )
+                # Fast PNG compression: the default level spends seconds per grid in zlib.
+                picture.save(tmp_dir / f"square_{sid}.png", compress_level=1)
+
+            with ThreadPoolExecutor(max_workers=max(1, cfg.threads)) as pool:
+                list(pool.map(save_one, range(len(grid.table))))
+            t = grid.table
+            rc_size = t[["row_px", "col_px", "size_px"]].to_numpy(float).T
+            render_overview(
+                grid.atlas.image, *rc_size, scores=scores[:, 4], angles_deg=grid.angles_deg
+            ).save(tmp_dir / OVERVIEW_PNG)
+    ranked = targets.dropna(subset=["rank"])
+    return {
+        "grid_id": grid.grid_id,
+        "n_squares": len(targets),
+        "n_ranked": len(ranked),
+        "best": ranked.head(5).to_dict(orient="records"),
+        "targets": str(out_csv),
+        "seconds": round(time.perf_counter() - t0, 2),
     }

@@ -1,0 +1,318 @@
+"""Training: phases as data, masked supervised losses, data selection, kill-and-resume."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from xcryonet.errors import InputError
+from xcryonet.model import MODELS, ModelConfig, build_model, parameter_groups
+from xcryonet.train import (
+    CHECKPOINT,
+    LOSSES,
+    PhaseConfig,
+    SquareSet,
+    TrainConfig,
+    augment,
+    evaluate_dir,
+    load_model,
+    make_optimizers,
+    masked_mse,
+    phase_loss,
+    phases_for,
+    predict,
+    read_table,
+    run_phase,
+    split_rows,
+    train,
+)
+
+TINY_MODEL = ModelConfig(width=4, hidden=8, input_px=16)
+TINY_TRAIN = TrainConfig(epochs=2, batch_size=6, seed=3, test_fraction=0.25, progress=False)
+SQUARES_COLUMNS = (
+    "grid_id,square_id,row_px,col_px,x_um,y_um,size_um,size_px,pitch_um,ncc,complete,"
+    "brightness,squareness"
+)
+
+
+def write_dataset(root, n_per_grid=(14, 12), sides=(20, 28), labelled_every=2):
+    """A tiny extraction output (squares/<grid>/{squares.csv, crops.npz}) and labels.csv."""
+    rng = np.random.default_rng(0)
+    squares = root / "squares"
+    label_rows = ["grid_id,x_um,y_um,cracking,contamination,overall"]
+    for g, (n, side) in enumerate(zip(n_per_grid, sides, strict=True)):
+        grid = f"g{g}"
+        (squares / grid).mkdir(parents=True)
+        rows = [SQUARES_COLUMNS]
+        for i in range(n):
+            x_um, y_um = 100.0 * i, 50.0 * g
+            rows.append(
+                f"{grid},{i},0,0,{x_um},{y_um},60,{side},100.0,0.9,True,{i % 5},{(i + g) % 5}"
+            )
+            if i % labelled_every == 0:
+                crack = "" if i == 4 else str(i % 5)  # one blank cell: partly labelled
+                label_rows.append(f"{grid},{x_um},{y_um},{crack},{(i * 3) % 5},{(i * 2) % 5}")
+        (squares / grid / "squares.csv").write_text("\n".join(rows) + "\n")
+        crops = rng.random((n, side, side)).astype(np.float16)
+        np.savez(squares / grid / "crops.npz", crops=crops, masks=crops > 0.5)
+    labels = root / "labels.csv"
+    labels.write_text("\n".join(label_rows) + "\n")
+    return squares, labels
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return write_dataset(tmp_path)
+
+
+def batch(n=6, px=16, labelled=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, 1, px, px), generator=gen)
+    y = torch.randint(0, 5, (n, 5), generator=gen).float()
+    y[labelled:] = float("nan")
+    return x, y
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+@pytest.mark.parametrize("variant", sorted(MODELS))
+def test_each_phase_updates_exactly_its_parameters(variant):
+    x, y = batch(labelled=6)
+    for k, phase in enumerate(phases_for(variant)):
+        torch.manual_seed(k)
+        model = build_model(variant, TINY_MODEL)
+        groups = parameter_groups(model)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = make_optimizers(model, [phase])[phase.name]
+        data = SquareSet(x.half(), y, [str(i) for i in range(len(x))])
+        cfg = TrainConfig(batch_size=len(x), progress=False)
+        run_phase(
+            model, phase, opt, data, cfg, torch.Generator().manual_seed(0), torch.device("cpu")
+        )
+        trainable = {id(p) for g in phase.trainable for p in groups[g]}
+        for name, p in model.named_parameters():
+            changed = not torch.equal(p.detach(), before[name])
+            assert changed == (id(p) in trainable), f"{phase.name}: {name} changed={changed}"
+
+
+def test_phases_are_the_papers():
+    names = [p.name for p in phases_for("xcryonet")]
+    assert names == ["primary_attribute", "attribute_autoencoder", "fusion"]
+    p1, p2, p3 = phases_for("xcryonet")
+    assert "primary.decoder" in p1.trainable and "cracking.decoder" not in p1.trainable
+    assert set(p2.trainable) == {
+        "cracking.features",
+        "cracking.decoder",
+        "contamination.features",
+        "contamination.decoder",
+    }
+    assert p2.losses == ("attribute_reconstruction",)
+    assert p3.trainable == ("fusion",) and p3.losses == ("fusion_supervised",)
+    assert [p.name for p in phases_for("primary")] == ["primary"]
+    assert all(name in LOSSES for p in phases_for("xcryonet") for name in p.losses)
+    with pytest.raises(InputError, match="unknown model"):
+        phases_for("nope")
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_masked_mse_ignores_nan():
+    pred = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    target = torch.tensor([[2.0, float("nan")], [float("nan"), float("nan")]])
+    assert float(masked_mse(pred, target)) == 1.0
+    assert float(masked_mse(pred, torch.full_like(pred, float("nan")))) == 0.0
+
+
+SUPERVISED = ("primary_supervised", "attribute_supervised", "fusion_supervised")
+
+
+@pytest.mark.parametrize("loss_name", SUPERVISED)
+def test_unlabelled_squares_contribute_no_supervised_loss(loss_name):
+    torch.manual_seed(0)
+    model = build_model("xcryonet", TINY_MODEL)
+    x, y = batch(n=6, labelled=3)
+    x.requires_grad_(True)
+    phase = PhaseConfig("probe", (), (loss_name,))
+    loss, _ = phase_loss(model, phase, x, y)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert grad[:3].abs().sum() > 0
+    assert torch.count_nonzero(grad[3:]) == 0
+    # And the loss is the same without the unlabelled rows at all.
+    alone, _ = phase_loss(model, phase, x[:3], y[:3])
+    torch.testing.assert_close(loss, alone)
+
+
+def test_reconstruction_uses_unlabelled_squares():
+    torch.manual_seed(0)
+    model = build_model("primary", TINY_MODEL)
+    x, y = batch(n=4, labelled=0)
+    x.requires_grad_(True)
+    phase = phases_for("primary")[0]
+    loss, parts = phase_loss(model, phase, x, y)
+    assert parts["primary_supervised"] == 0.0 and parts["primary_reconstruction"] > 0
+    (grad,) = torch.autograd.grad(loss, x)
+    assert torch.count_nonzero(grad) > 0
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_split_rows_is_seeded_and_disjoint(dataset):
+    squares, labels = dataset
+    table = read_table(squares, labels)
+    n_lab = int(table["labelled"].sum())
+    a = split_rows(table, supervision="ss", labeled=5, unlabeled=4, test_fraction=0.25, seed=1)
+    b = split_rows(table, supervision="ss", labeled=5, unlabeled=4, test_fraction=0.25, seed=1)
+    c = split_rows(table, supervision="ss", labeled=5, unlabeled=4, test_fraction=0.25, seed=2)
+    assert all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
+    assert not all(np.array_equal(u, v) for u, v in zip(a, c, strict=True))
+    lab, unl, test = a
+    assert (len(lab), len(unl), len(test)) == (5, 4, round(0.25 * n_lab))
+    assert table["labelled"].iloc[lab].all() and table["labelled"].iloc[test].all()
+    assert not table["labelled"].iloc[unl].any()
+    assert not set(lab) & set(test)
+    _, unl_fs, _ = split_rows(
+        table, supervision="fs", labeled=None, unlabeled=4, test_fraction=0.25, seed=1
+    )
+    assert len(unl_fs) == 0
+
+
+def test_augment_is_a_dihedral_transform():
+    x = torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(2, 1, 16, 16)
+    out = augment(x, torch.Generator().manual_seed(0))
+    for i in range(2):
+        candidates = [torch.rot90(x[i], k, (-2, -1)) for k in range(4)]
+        candidates += [torch.rot90(x[i].flip(-1), k, (-2, -1)) for k in range(4)]
+        assert any(torch.equal(out[i], c) for c in candidates)
+
+
+# ----------------------------------------------------------------------------- train / resume
+
+
+def _state(out_dir):
+    rec = torch.load(out_dir / "model.pt", weights_only=True)
+    return rec["model"], json.loads((out_dir / "metrics.json").read_text())
+
+
+def _assert_same_run(a, b):
+    (sa, ma), (sb, mb) = _state(a), _state(b)
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert ma["test_mae"] == mb["test_mae"] and ma["final_losses"] == mb["final_losses"]
+
+
+def test_kill_and_resume_gives_identical_results(dataset, tmp_path, monkeypatch):
+    squares, labels = dataset
+    kw = {"model_cfg": TINY_MODEL, "variant": "xcryonet", "labeled": 6, "unlabeled": 6}
+    straight = train(squares, labels, tmp_path / "straight", TINY_TRAIN, **kw)
+    assert set(straight["test_mae"]) == {
+        "brightness",
+        "squareness",
+        "cracking",
+        "contamination",
+        "overall",
+    }
+    assert straight["labeled"] == 6 and straight["unlabeled"] == 6
+
+    # Stop after one epoch, then resume to two.
+    short = TrainConfig(**{**TINY_TRAIN.__dict__, "epochs": 1})
+    train(squares, labels, tmp_path / "resumed", short, **kw)
+    assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)["epoch"] == 1
+    train(squares, labels, tmp_path / "resumed", TINY_TRAIN, **kw)
+    _assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+    # Kill in the middle of epoch 2 (before its second phase), then resume.
+    import xcryonet.train as tr
+
+    real, calls = tr.run_phase, {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "run_phase", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(squares, labels, tmp_path / "killed", TINY_TRAIN, **kw)
+    assert not (tmp_path / "killed" / "model.pt").exists()
+    monkeypatch.setattr(tr, "run_phase", real)
+    train(squares, labels, tmp_path / "killed", TINY_TRAIN, **kw)
+    _assert_same_run(tmp_path / "straight", tmp_path / "killed")
+
+
+def test_trained_model_loads_predicts_and_evaluates(dataset, tmp_path):
+    squares, labels = dataset
+    cfg = TrainConfig(**{**TINY_TRAIN.__dict__, "epochs": 1})
+    metrics = train(
+        squares,
+        labels,
+        tmp_path / "m",
+        cfg,
+        model_cfg=TINY_MODEL,
+        variant="primary",
+        supervision="fs",
+    )
+    assert metrics["unlabeled"] == 0
+    model, mcfg = load_model(tmp_path / "m")
+    assert mcfg == TINY_MODEL and model.variant == "primary"
+    crops = [np.random.default_rng(0).random((s, s)) for s in (10, 20, 33)]
+    scores = predict(model, crops)
+    assert scores.shape == (3, 5) and (scores >= 0).all() and (scores <= 4).all()
+    mae = evaluate_dir(tmp_path / "m", squares, labels)
+    assert set(mae) == {"brightness", "squareness", "cracking", "contamination", "overall"}
+    assert all(v is not None and v >= 0 for v in mae.values())
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_gets_one_line_errors(dataset, tmp_path):
+    squares, labels = dataset
+    kw = {"model_cfg": TINY_MODEL}
+    cfg = TrainConfig(**{**TINY_TRAIN.__dict__, "epochs": 1})
+    cases = [
+        (lambda: train(tmp_path / "nope", labels, tmp_path / "o", cfg, **kw), "does not exist"),
+        (lambda: train(squares, tmp_path / "no.csv", tmp_path / "o", cfg, **kw), "does not exist"),
+        (lambda: train(squares, labels, tmp_path / "o", cfg, variant="vit", **kw), "unknown model"),
+        (lambda: train(squares, labels, tmp_path / "o", cfg, supervision="x", **kw), "ss or fs"),
+        (lambda: train(squares, labels, tmp_path / "o", cfg, labeled=999, **kw), "--labeled 999"),
+        (lambda: train(squares, labels, tmp_path / "o", cfg, unlabeled=999, **kw), "--unlabeled"),
+        (lambda: evaluate_dir(tmp_path / "nomodel", squares, labels), "does not exist"),
+    ]
+    for fn, match in cases:
+        with pytest.raises(InputError, match=match) as err:
+            fn()
+        assert "\n" not in str(err.value)
+
+    far = tmp_path / "far.csv"
+    far.write_text("grid_id,x_um,y_um,cracking,contamination,overall\ng0,9999,9999,1,1,1\n")
+    with pytest.raises(InputError, match="no label matches"):
+        train(squares, far, tmp_path / "o", cfg, **kw)
+    other = tmp_path / "other.csv"
+    other.write_text("grid_id,x_um,y_um,cracking,contamination,overall\nzz,0,0,1,1,1\n")
+    with pytest.raises(InputError, match="unknown grid"):
+        train(squares, other, tmp_path / "o", cfg, **kw)
+
+    (squares / "g1" / "crops.npz").unlink()
+    with pytest.raises(InputError, match="cannot read the crops"):
+        train(squares, labels, tmp_path / "o", cfg, **kw)
+
+
+def test_resume_refuses_other_settings_and_bad_checkpoints(dataset, tmp_path):
+    squares, labels = dataset
+    cfg = TrainConfig(**{**TINY_TRAIN.__dict__, "epochs": 1})
+    train(squares, labels, tmp_path / "o", cfg, model_cfg=TINY_MODEL, variant="primary")
+    with pytest.raises(InputError, match="other settings"):
+        train(
+            squares, labels, tmp_path / "o", cfg, model_cfg=TINY_MODEL, variant="primary", labeled=3
+        )
+    (tmp_path / "o" / CHECKPOINT).write_bytes(b"garbage")
+    with pytest.raises(InputError, match="not a readable"):
+        train(squares, labels, tmp_path / "o", cfg, model_cfg=TINY_MODEL, variant="primary")
+    (tmp_path / "o" / "model.pt").write_bytes(b"garbage")
+    with pytest.raises(InputError, match="not a readable"):
+        load_model(tmp_path / "o")

@@ -1,0 +1,311 @@
+"""XCryoNet: the attention-guided square scorer, one ``nn.Module`` per concept.
+
+Shapes: images are (B, 1, H, W) float32 (any H, W; H = W = ``ModelConfig.input_px`` in
+training); scores are (B, 5) in ``SCORE_NAMES`` order (brightness, squareness, cracking,
+contamination, overall), on the 0..4 label scale.
+
+Layout (paper, Fig. 2):
+
+    x ──► primary Branch ──► scores_primary, recon_primary
+            │ features (B, C, h, w)
+            ▼
+          Attention ──► maps (B, 2, H, W) ──► x * map ──► cracking / contamination Branch
+                                                                 │ features
+    Fusion(primary + attribute features) ──► scores ◄────────────┘
+
+Variants are built by name: ``build_model("primary")`` (no attention, the paper's baseline) and
+``build_model("xcryonet")`` (the full model).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xcryonet.config import ModelConfig
+from xcryonet.errors import InputError
+
+N_SCORES = 5
+N_ATTRIBUTES = 4
+# Index of the attributes that get an attention-guided branch, in SCORE_NAMES order.
+ATTRIBUTE_BRANCHES = {"cracking": 2, "contamination": 3}
+BRANCH_PARTS = ("features", "classifier", "decoder")
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    # GroupNorm, not BatchNorm: no running statistics, so a phase that freezes a module
+    # really leaves all of its state unchanged, and batches with few squares behave.
+    return nn.GroupNorm(math.gcd(channels, 4), channels)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convolutions with a shortcut (He et al. 2016); ``stride`` downsamples.
+
+    ``activate_output=False`` returns the pre-activation sum, so the feature maps that feed
+    the attention can be negative and the sigmoid spans the whole (0, 1) range.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, activate_output: bool = True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.norm1 = _norm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.norm2 = _norm(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), _norm(c_out)
+            )
+        self.activate_output = activate_output
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.norm1(self.conv1(x)))
+        y = self.norm2(self.conv2(y)) + self.shortcut(x)
+        return F.relu(y) if self.activate_output else y
+
+
+class FeatureNet(nn.Module):
+    """A strided convolution and two ResBlocks: (B, 1, H, W) -> (B, 2*width, H/(4s), W/(4s))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        w = cfg.width
+        k = 2 * cfg.stem_stride + 1
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, w, k, cfg.stem_stride, k // 2, bias=False), _norm(w), nn.ReLU()
+        )
+        self.block1 = ResBlock(w, 2 * w, stride=2)
+        self.block2 = ResBlock(2 * w, 2 * w, stride=2, activate_output=False)
+        self.out_channels = 2 * w
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block2(self.block1(self.stem(x)))
+
+
+class Classifier(nn.Module):
+    """Pooling, two FC layers regressing the attributes, two FC layers regressing overall.
+
+    Overall is computed *from the predicted attributes* (paper: "enforce the dependency of the
+    overall score on the fine-grained attributes"). Returns (B, n_attributes [+1 if overall]).
+    """
+
+    def __init__(self, c_in: int, n_attributes: int, hidden: int, overall: bool):
+        super().__init__()
+        # Average and max pooling: average sees global brightness, max sees small defects.
+        self.attributes = nn.Sequential(
+            nn.Linear(2 * c_in, hidden), nn.ReLU(), nn.Linear(hidden, n_attributes)
+        )
+        self.overall = (
+            nn.Sequential(nn.Linear(n_attributes, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+            if overall
+            else None
+        )
+        # Start predictions at the middle of the 0..4 scale instead of 0.
+        for head in (self.attributes, self.overall):
+            if head is not None:
+                nn.init.constant_(head[-1].bias, 2.0)  # type: ignore[arg-type]
+
+    def forward(self, feat: Tensor) -> Tensor:
+        f = F.relu(feat)
+        pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
+        attrs = self.attributes(pooled)
+        if self.overall is None:
+            return attrs
+        return torch.cat([attrs, self.overall(attrs)], dim=1)
+
+
+class Decoder(nn.Module):
+    """Two transposed convolutions and one convolution: features -> (B, 1, H, W) image."""
+
+    def __init__(self, cfg: ModelConfig, c_in: int):
+        super().__init__()
+        w = cfg.width
+        self.up1 = nn.ConvTranspose2d(c_in, w, 4, 2, 1)
+        self.up2 = nn.ConvTranspose2d(w, w, 4, 2, 1)
+        self.out = nn.Conv2d(w, 1, 3, 1, 1)
+
+    def forward(self, feat: Tensor, size: tuple[int, int]) -> Tensor:
+        y = F.relu(self.up2(F.relu(self.up1(F.relu(feat)))))
+        if y.shape[-2:] != size:
+            # The stem stride (and sizes that are not multiples of 4s) leave the transposed
+            # convolutions short of the input size; bilinear resampling makes up the rest.
+            y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        return self.out(y)
+
+
+class Attention(nn.Module):
+    """Cracking and contamination attention from the primary features (no parameters).
+
+    The channels are split in half (first half cracking, second contamination); each half is
+    max-pooled over channels, upsampled to the input size and squashed by a sigmoid.
+    Returns (B, 2, H, W) in (0, 1).
+    """
+
+    def forward(self, feat: Tensor, size: tuple[int, int]) -> Tensor:
+        half = feat.shape[1] // 2
+        pooled = torch.stack(
+            [feat[:, :half].amax(dim=1), feat[:, half : 2 * half].amax(dim=1)], dim=1
+        )
+        up = F.interpolate(pooled, size=size, mode="bilinear", align_corners=False)
+        return torch.sigmoid(up)
+
+
+class Branch(nn.Module):
+    """Feature net + classifier + decoder: the primary branch, or an attribute branch.
+
+    The primary branch regresses the four attributes and overall; an attribute branch regresses
+    one attribute from its attention-weighted input and reconstructs that input.
+    """
+
+    def __init__(self, cfg: ModelConfig, n_attributes: int, overall: bool):
+        super().__init__()
+        self.features = FeatureNet(cfg)
+        c = self.features.out_channels
+        self.classifier = Classifier(c, n_attributes, cfg.hidden, overall)
+        self.decoder = Decoder(cfg, c)
+
+    def forward(self, x: Tensor, reconstruct: bool = True) -> dict[str, Tensor]:
+        feat = self.features(x)
+        out = {"features": feat, "scores": self.classifier(feat)}
+        if reconstruct:
+            out["recon"] = self.decoder(feat, (x.shape[-2], x.shape[-1]))
+        return out
+
+
+class Fusion(nn.Module):
+    """Fuses the primary and attribute feature maps and predicts the five scores."""
+
+    def __init__(self, cfg: ModelConfig, c_in: int, n_branches: int):
+        super().__init__()
+        self.mix = nn.Sequential(
+            nn.Conv2d(n_branches * c_in, c_in, 3, 1, 1, bias=False), _norm(c_in), nn.ReLU()
+        )
+        self.classifier = Classifier(c_in, N_ATTRIBUTES, cfg.hidden, overall=True)
+
+    def forward(self, feats: list[Tensor]) -> Tensor:
+        return self.classifier(self.mix(torch.cat(feats, dim=1)))
+
+
+class XCryoNet(nn.Module):
+    """The scorer. ``attention=False`` is the primary-only baseline.
+
+    ``forward(x)`` returns a dict:
+        ``scores`` (B, 5): the model's answer (fusion for xcryonet, primary for primary);
+        ``scores_primary`` (B, 5); ``attention`` (B, 2, H, W) in (0, 1);
+        ``features_primary`` (B, C, h, w); ``recon_primary`` (B, 1, H, W);
+        xcryonet only, per attribute a in (cracking, contamination): ``input_<a>`` (B, 1, H, W)
+        the attention-weighted input, ``score_<a>`` (B,), ``features_<a>``, ``recon_<a>``.
+    """
+
+    def __init__(self, cfg: ModelConfig, attention: bool, variant: str):
+        super().__init__()
+        self.cfg = cfg
+        self.variant = variant
+        self.primary = Branch(cfg, N_ATTRIBUTES, overall=True)
+        self.attention = Attention()
+        self.branches = nn.ModuleDict()
+        self.fusion: Fusion | None = None
+        if attention:
+            for name in ATTRIBUTE_BRANCHES:
+                self.branches[name] = Branch(cfg, 1, overall=False)
+            c = self.primary.features.out_channels
+            self.fusion = Fusion(cfg, c, 1 + len(ATTRIBUTE_BRANCHES))
+
+    def forward(self, x: Tensor, reconstruct: Collection[str] | None = None) -> dict[str, Tensor]:
+        """Score a batch. ``reconstruct`` names the branches whose decoders run (None = all)."""
+        size = (x.shape[-2], x.shape[-1])
+        want = set(reconstruct) if reconstruct is not None else {"primary", *self.branches}
+        p = self.primary(x, reconstruct="primary" in want)
+        out = {"scores_primary": p["scores"], "features_primary": p["features"]}
+        if "recon" in p:
+            out["recon_primary"] = p["recon"]
+        out["attention"] = self.attention(p["features"], size)
+        if self.fusion is None:
+            out["scores"] = p["scores"]
+            return out
+        feats = [p["features"]]
+        for k, name in enumerate(self.branches):
+            xi = x * out["attention"][:, k : k + 1]
+            b = self.branches[name](xi, reconstruct=name in want)
+            out[f"input_{name}"] = xi
+            out[f"score_{name}"] = b["scores"][:, 0]
+            out[f"features_{name}"] = b["features"]
+            if "recon" in b:
+                out[f"recon_{name}"] = b["recon"]
+            feats.append(b["features"])
+        out["scores"] = self.fusion(feats)
+        return out
+
+
+def parameter_groups(model: XCryoNet) -> dict[str, list[nn.Parameter]]:
+    """Named parameter groups that training phases refer to.
+
+    Names: ``<branch>.<part>`` for branch in primary, cracking, contamination and part in
+    features, classifier, decoder; and ``fusion``. Every parameter is in exactly one group.
+    """
+    groups: dict[str, list[nn.Parameter]] = {}
+    branches: dict[str, nn.Module] = {"primary": model.primary, **model.branches}
+    for bname, branch in branches.items():
+        for part in BRANCH_PARTS:
+            groups[f"{bname}.{part}"] = list(getattr(branch, part).parameters())
+    if model.fusion is not None:
+        groups["fusion"] = list(model.fusion.parameters())
+    return groups
+
+
+MODELS: dict[str, Callable[..., XCryoNet]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., XCryoNet]], Callable[..., XCryoNet]]:
+    """Add a model constructor to the registry under ``name``."""
+
+    def deco(fn: Callable[..., XCryoNet]) -> Callable[..., XCryoNet]:
+        MODELS[name] = fn
+        return fn
+
+    return deco
+
+
+@register("primary")
+def primary(cfg: ModelConfig) -> XCryoNet:
+    """The primary branch alone: the paper's no-attention baseline."""
+    return XCryoNet(cfg, attention=False, variant="primary")
+
+
+@register("xcryonet")
+def xcryonet(cfg: ModelConfig) -> XCryoNet:
+    """The full model: primary, cracking and contamination branches, and fusion."""
+    return XCryoNet(cfg, attention=True, variant="xcryonet")
+
+
+def build_model(name: str, cfg: ModelConfig | None = None, **overrides: int | float) -> XCryoNet:
+    """Build a registered variant; ``overrides`` replace fields of ``cfg`` (default config)."""
+    if name not in MODELS:
+        raise InputError("variant", f"unknown model {name!r} (choose from {', '.join(MODELS)})")
+    base = asdict(cfg) if cfg is not None else {}
+    fields = set(asdict(ModelConfig()))
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise InputError("model", f"unknown setting(s) {', '.join(unknown)}")
+    return MODELS[name](ModelConfig(**{**base, **overrides}))
+
+
+@torch.no_grad()
+def attention_maps(model: XCryoNet, x: Tensor) -> Tensor:
+    """Cracking and contamination attention for normalised squares x (B, 1, H, W).
+
+    Returns (B, 2, H, W) float32 in (0, 1), channel 0 cracking, 1 contamination. For the
+    primary variant the maps come from its (unguided) features, so they mean little.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(x, reconstruct=())
+    finally:
+        model.train(was_training)
+    return out["attention"].float()

@@ -1,0 +1,607 @@
+"""Training, evaluation and prediction for the XCryoNet variants.
+
+Training alternates three phases per epoch (paper, "XCryoNet Training"). A phase is data: which
+parameter groups train (:func:`xcryonet.model.parameter_groups`) and which named losses apply.
+Each phase has its own Adam over its trainable parameters only, so a phase can never move a
+parameter it does not own.
+
+Determinism: every phase of every epoch draws its shuffling and augmentation from a generator
+seeded by ``(seed, epoch, phase)``, and a checkpoint is written after every epoch, so a run
+killed at any point and resumed ends with the same weights and metrics as an uninterrupted one
+(on the same device and thread count).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from xcryonet.config import TrainConfig
+from xcryonet.errors import InputError
+from xcryonet.io.atomic import atomic_path, atomic_write_text
+from xcryonet.labels import SCORE_NAMES, join_labels, read_labels
+from xcryonet.model import (
+    ATTRIBUTE_BRANCHES,
+    MODELS,
+    ModelConfig,
+    XCryoNet,
+    build_model,
+    parameter_groups,
+)
+
+CHECKPOINT = "checkpoint.pt"
+MODEL_FILE = "model.pt"
+METRICS = "metrics.json"
+SUPERVISION = ("ss", "fs")
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """One training phase: the parameter groups it trains and the losses it minimises."""
+
+    name: str
+    trainable: tuple[str, ...]
+    losses: tuple[str, ...]
+    lr: float = 1e-3
+    epochs: int = 1
+
+
+@dataclass
+class SquareSet:
+    """Squares ready for the model.
+
+    Attributes:
+        x: (N, 1, P, P) float16 normalised squares (float16 halves memory at 640 px).
+        y: (N, 5) float32 labels in SCORE_NAMES order, NaN = not labelled.
+        keys: ``"<grid_id>/<square_id>"`` per square.
+    """
+
+    x: Tensor
+    y: Tensor
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def subset(self, idx: Sequence[int] | np.ndarray) -> SquareSet:
+        index = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        return SquareSet(self.x[index], self.y[index], [self.keys[int(i)] for i in index])
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def masked_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """MSE over the elements whose target is not NaN (0 when none is): unlabelled = no loss."""
+    mask = ~torch.isnan(target)
+    diff = torch.where(mask, pred.float() - torch.nan_to_num(target), torch.zeros_like(target))
+    return (diff**2).sum() / mask.sum().clamp(min=1)
+
+
+def _supervised(scores: Tensor, y: Tensor) -> Tensor:
+    # Eq. 2: MSE over the four attributes plus MSE over overall.
+    return masked_mse(scores[:, :4], y[:, :4]) + masked_mse(scores[:, 4], y[:, 4])
+
+
+def _attribute_supervised(out: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+    return sum(
+        (masked_mse(out[f"score_{a}"], y[:, k]) for a, k in ATTRIBUTE_BRANCHES.items()),
+        torch.zeros((), device=x.device),
+    )
+
+
+def _attribute_reconstruction(out: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+    # The target is detached: the attribute decoders must not shape the attention.
+    return sum(
+        (
+            F.mse_loss(out[f"recon_{a}"].float(), out[f"input_{a}"].detach().float())
+            for a in ATTRIBUTE_BRANCHES
+        ),
+        torch.zeros((), device=x.device),
+    )
+
+
+# name -> (loss(out, x, y), decoders it needs)
+LOSSES: dict[str, tuple[Callable[[dict[str, Tensor], Tensor, Tensor], Tensor], tuple[str, ...]]] = {
+    "primary_supervised": (lambda out, x, y: _supervised(out["scores_primary"], y), ()),
+    "primary_reconstruction": (
+        lambda out, x, y: F.mse_loss(out["recon_primary"].float(), x.float()),
+        ("primary",),
+    ),
+    "attribute_supervised": (_attribute_supervised, ()),
+    "attribute_reconstruction": (_attribute_reconstruction, tuple(ATTRIBUTE_BRANCHES)),
+    "fusion_supervised": (lambda out, x, y: _supervised(out["scores"], y), ()),
+}
+
+_PRIMARY = ("primary.features", "primary.classifier", "primary.decoder")
+_ATTR_FEATURES = tuple(f"{a}.features" for a in ATTRIBUTE_BRANCHES)
+_ATTR_CLASSIFIERS = tuple(f"{a}.classifier" for a in ATTRIBUTE_BRANCHES)
+_ATTR_DECODERS = tuple(f"{a}.decoder" for a in ATTRIBUTE_BRANCHES)
+
+
+def phases_for(variant: str, lr: float = 1e-3) -> tuple[PhaseConfig, ...]:
+    """The training phases of a variant, in the order they run each epoch."""
+    if variant == "primary":
+        return (
+            PhaseConfig("primary", _PRIMARY, ("primary_supervised", "primary_reconstruction"), lr),
+        )
+    if variant == "xcryonet":
+        return (
+            # (1) Feature nets, primary/attribute classifiers and primary decoder.
+            PhaseConfig(
+                "primary_attribute",
+                _PRIMARY + _ATTR_FEATURES + _ATTR_CLASSIFIERS,
+                ("primary_supervised", "primary_reconstruction", "attribute_supervised"),
+                lr,
+            ),
+            # (2) Attribute autoencoders only, on their reconstruction loss.
+            PhaseConfig(
+                "attribute_autoencoder",
+                _ATTR_FEATURES + _ATTR_DECODERS,
+                ("attribute_reconstruction",),
+                lr,
+            ),
+            # (3) Fusion only, on the fusion (supervised) loss.
+            PhaseConfig("fusion", ("fusion",), ("fusion_supervised",), lr),
+        )
+    raise InputError("variant", f"unknown model {variant!r} (choose from {', '.join(MODELS)})")
+
+
+def phase_loss(
+    model: XCryoNet, phase: PhaseConfig, x: Tensor, y: Tensor
+) -> tuple[Tensor, dict[str, float]]:
+    """Forward a batch and sum the phase's losses; returns (total, per-loss values)."""
+    decoders = {d for name in phase.losses for d in LOSSES[name][1]}
+    out = model(x, reconstruct=decoders)
+    parts = {name: LOSSES[name][0](out, x, y) for name in phase.losses}
+    total = sum(parts.values(), torch.zeros((), device=x.device))
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def set_trainable(model: XCryoNet, trainable: Sequence[str]) -> list[torch.nn.Parameter]:
+    """Freeze every parameter except those of the named groups; returns the trainable ones."""
+    groups = parameter_groups(model)
+    unknown = sorted(set(trainable) - set(groups))
+    if unknown:
+        raise InputError("phase", f"unknown parameter group(s) {', '.join(unknown)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for name in trainable for p in groups[name]]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def make_optimizers(model: XCryoNet, phases: Sequence[PhaseConfig]) -> dict[str, torch.optim.Adam]:
+    """One Adam per phase, over that phase's parameters only."""
+    groups = parameter_groups(model)
+    return {
+        ph.name: torch.optim.Adam([p for g in ph.trainable for p in groups[g]], lr=ph.lr)
+        for ph in phases
+    }
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def normalize(crops: Tensor, cfg: ModelConfig) -> Tensor:
+    """Relative transmission -> model input (fixed affine, so brightness stays visible)."""
+    return (crops - cfg.norm_mean) / cfg.norm_std
+
+
+def resample(crops: np.ndarray | Tensor, px: int) -> Tensor:
+    """(N, S, S) crops of one size -> (N, 1, px, px) float32, antialiased bilinear."""
+    t = torch.as_tensor(np.asarray(crops, dtype=np.float32)).unsqueeze(1)
+    if t.shape[-2:] == (px, px):
+        return t
+    return F.interpolate(t, size=(px, px), mode="bilinear", align_corners=False, antialias=True)
+
+
+def read_table(squares_dir: str | Path, labels_csv: str | Path) -> pd.DataFrame:
+    """Extracted squares joined to the labels (``label_<score>`` columns, NaN = unlabelled)."""
+    from xcryonet.stages import load_squares
+
+    squares_dir = Path(squares_dir)
+    if not squares_dir.is_dir():
+        raise InputError(squares_dir, "does not exist or is not a folder")
+    table = join_labels(load_squares(squares_dir), read_labels(labels_csv), path=labels_csv)
+    table["labelled"] = table["label_line"] > 0
+    return table
+
+
+def load_squares_set(
+    squares_dir: str | Path, table: pd.DataFrame, cfg: ModelConfig, label_rows: np.ndarray
+) -> SquareSet:
+    """Read, resample and normalise the crops of ``table``'s rows.
+
+    Args:
+        label_rows: (N,) bool; rows where it is False get NaN labels (they contribute only
+            reconstruction losses).
+    """
+    from xcryonet.stages import CROPS_NPZ
+
+    xs = torch.zeros((len(table), 1, cfg.input_px, cfg.input_px), dtype=torch.float16)
+    pos = np.arange(len(table))
+    for grid_id, rows in table.groupby("grid_id", sort=True).groups.items():
+        where = pos[table.index.get_indexer(rows)]
+        path = Path(squares_dir) / str(grid_id) / CROPS_NPZ
+        try:
+            with np.load(path) as z:
+                crops = z["crops"]
+        except (OSError, KeyError, ValueError) as err:
+            raise InputError(path, f"cannot read the crops ({err})") from None
+        ids = table.iloc[where]["square_id"].to_numpy(int)
+        if ids.max(initial=-1) >= len(crops):
+            raise InputError(path, f"holds {len(crops)} crops but squares.csv names more")
+        xs[torch.as_tensor(where)] = normalize(resample(crops[ids], cfg.input_px), cfg).half()
+    y = table[[f"label_{s}" for s in SCORE_NAMES]].to_numpy(np.float32).copy()
+    y[~np.asarray(label_rows, bool)] = np.nan
+    keys = [f"{g}/{s}" for g, s in zip(table["grid_id"], table["square_id"], strict=True)]
+    return SquareSet(xs, torch.as_tensor(y), keys)
+
+
+def split_rows(
+    table: pd.DataFrame,
+    *,
+    supervision: str,
+    labeled: int | None,
+    unlabeled: int | None,
+    test_fraction: float,
+    seed: int,
+    path: str | Path = "labels.csv",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded uniform random selection of (train labelled, train unlabelled, test) row numbers.
+
+    The test rows are ``test_fraction`` of the labelled squares; ``labeled`` of the rest train
+    (None = all); ``unlabeled`` unlabelled squares join for ``ss`` (None = all; none for fs).
+    """
+    if supervision not in SUPERVISION:
+        raise InputError("supervision", f"must be ss or fs, got {supervision!r}")
+    if not 0 <= test_fraction < 1:
+        raise InputError("test_fraction", f"must be in [0, 1), got {test_fraction}")
+    rng = np.random.default_rng([seed, 1])
+    lab = rng.permutation(np.flatnonzero(table["labelled"].to_numpy()))
+    unl = rng.permutation(np.flatnonzero(~table["labelled"].to_numpy()))
+    if len(lab) == 0:
+        raise InputError(
+            path, "no label matches an extracted square (check grid ids and x_um/y_um)"
+        )
+    n_test = int(round(test_fraction * len(lab)))
+    if test_fraction > 0:
+        n_test = min(max(n_test, 1), len(lab) - 1)
+    test, pool = lab[:n_test], lab[n_test:]
+    n_lab = len(pool) if labeled is None else labeled
+    if not 1 <= n_lab <= len(pool):
+        raise InputError(
+            path, f"--labeled {n_lab}: only {len(pool)} labelled squares are left for training"
+        )
+    n_unl = 0 if supervision == "fs" else (len(unl) if unlabeled is None else unlabeled)
+    if not 0 <= n_unl <= len(unl):
+        raise InputError(path, f"--unlabeled {n_unl}: only {len(unl)} unlabelled squares exist")
+    return np.sort(pool[:n_lab]), np.sort(unl[:n_unl]), np.sort(test)
+
+
+def augment(x: Tensor, gen: torch.Generator, flips: bool = True, noise: float = 0.0) -> Tensor:
+    """Label-preserving augmentation of (B, 1, H, W) squares (H = W).
+
+    ``flips``: a random one of the 8 flips/90-degree rotations per square; ``noise``: s.d. of
+    additive Gaussian pixel noise (normalised units).
+    """
+    out = x
+    if flips:
+        k = torch.randint(0, 8, (len(x),), generator=gen)
+        out = x.clone()
+        for g in range(1, 8):
+            idx = torch.nonzero(k == g).flatten()
+            if len(idx) == 0:
+                continue
+            xi = x[idx].flip(-1) if g >= 4 else x[idx]
+            out[idx] = torch.rot90(xi, g % 4, dims=(-2, -1))
+    if noise > 0:
+        out = out + noise * torch.randn(out.shape, generator=gen)
+    return out
+
+
+def phase_generator(seed: int, epoch: int, phase: int) -> torch.Generator:
+    """The generator of one phase of one epoch (it is what makes resuming exact)."""
+    state = np.random.SeedSequence([seed, epoch, phase]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise InputError("device", f"must be auto, cpu or cuda, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("device", "cuda was asked for but no GPU is available")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, amp: str) -> AbstractContextManager[Any]:
+    """bf16 autocast when asked (or ``auto`` on cuda); bf16 needs no loss scaling."""
+    if amp not in ("auto", "bf16", "off"):
+        raise InputError("amp", f"must be auto, bf16 or off, got {amp!r}")
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def run_phase(
+    model: XCryoNet,
+    phase: PhaseConfig,
+    opt: torch.optim.Optimizer,
+    data: SquareSet,
+    cfg: TrainConfig,
+    gen: torch.Generator,
+    device: torch.device,
+    bar: tqdm | None = None,
+) -> dict[str, float]:
+    """One pass of a phase over the data; returns the mean of each loss."""
+    set_trainable(model, phase.trainable)
+    model.train()
+    sums: dict[str, float] = {}
+    n = 0
+    for _ in range(phase.epochs):
+        order = torch.randperm(len(data), generator=gen)
+        for start in range(0, len(data), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            x = data.x[idx].float()
+            x = augment(x, gen, flips=cfg.augment, noise=cfg.noise)
+            x, y = x.to(device), data.y[idx].to(device)
+            with autocast(device, cfg.amp):
+                loss, parts = phase_loss(model, phase, x, y)
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v * len(idx)
+            n += len(idx)
+            if bar is not None:
+                bar.update(len(idx))
+                bar.set_postfix(phase=phase.name, loss=f"{float(loss.detach()):.3f}", refresh=False)
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def predict_tensor(model: XCryoNet, x: Tensor, batch_size: int = 64) -> Tensor:
+    """Scores (N, 5) float32 clipped to 0..4 for normalised squares x (N, 1, P, P)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    outs = []
+    for start in range(0, len(x), batch_size):
+        xb = x[start : start + batch_size].float().to(device)
+        outs.append(model(xb, reconstruct=())["scores"].float().cpu())
+    model.train(was_training)
+    if not outs:
+        return torch.zeros((0, 5))
+    return torch.cat(outs).clamp(0, 4)
+
+
+def predict(model: XCryoNet, crops: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """Score raw crops (relative transmission, each (S, S), sizes may differ) -> (N, 5) in 0..4."""
+    cfg = model.cfg
+    x = [normalize(resample(np.asarray(c)[None], cfg.input_px), cfg) for c in crops]
+    if not x:
+        return np.zeros((0, 5), np.float32)
+    return predict_tensor(model, torch.cat(x)).numpy()
+
+
+def evaluate(model: XCryoNet, data: SquareSet) -> dict[str, float | None]:
+    """Mean absolute error per score over the labelled entries (None where there are none)."""
+    pred = predict_tensor(model, data.x)
+    out: dict[str, float | None] = {}
+    for k, name in enumerate(SCORE_NAMES):
+        mask = ~torch.isnan(data.y[:, k])
+        out[name] = float((pred[mask, k] - data.y[mask, k]).abs().mean()) if mask.any() else None
+    return out
+
+
+def _rng_state() -> dict[str, Any]:
+    name, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    key = np.asarray(key)
+    return {
+        "python": random.getstate(),
+        "numpy": (name, torch.as_tensor(key.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _model_record(model: XCryoNet, run: dict[str, Any]) -> dict[str, Any]:
+    # Plain data only, so torch.load(weights_only=True) can read it back.
+    return {
+        "variant": model.variant,
+        "model_cfg": asdict(model.cfg),
+        "run": run,
+        "model": model.state_dict(),
+    }
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(path, "does not exist") from None
+    except Exception as err:  # a truncated or foreign file: say so in one line
+        raise InputError(path, f"is not a readable xcryonet checkpoint ({err})") from None
+    if not isinstance(data, dict) or "model" not in data:
+        raise InputError(path, "is not an xcryonet checkpoint")
+    return data
+
+
+def train(
+    squares_dir: str | Path,
+    labels_csv: str | Path,
+    out_dir: str | Path,
+    cfg: TrainConfig | None = None,
+    *,
+    model_cfg: ModelConfig | None = None,
+    variant: str = "xcryonet",
+    supervision: str = "ss",
+    labeled: int | None = None,
+    unlabeled: int | None = None,
+    resume: bool = True,
+) -> dict[str, Any]:
+    """Train a variant and write ``out_dir/{checkpoint.pt, model.pt, metrics.json}``.
+
+    Resumes from ``out_dir/checkpoint.pt`` when it exists and ``resume`` is true (the run
+    settings other than ``epochs`` must match). Returns the metrics: MAE per score on the
+    held-out labelled squares, the counts and the final losses per phase.
+    """
+    cfg = cfg or TrainConfig()
+    model_cfg = model_cfg or ModelConfig()
+    out_dir = Path(out_dir)
+    phases = phases_for(variant, cfg.lr)
+    device = resolve_device(cfg.device)
+    autocast(device, cfg.amp)  # validates cfg.amp before any work
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+
+    table = read_table(squares_dir, labels_csv)
+    lab, unl, test = split_rows(
+        table,
+        supervision=supervision,
+        labeled=labeled,
+        unlabeled=unlabeled,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.seed,
+        path=labels_csv,
+    )
+    rows = np.concatenate([lab, unl])
+    train_set = load_squares_set(
+        squares_dir, table.iloc[rows], model_cfg, np.arange(len(rows)) < len(lab)
+    )
+    test_set = load_squares_set(squares_dir, table.iloc[test], model_cfg, np.ones(len(test), bool))
+    run = {
+        "train": {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "progress")},
+        "supervision": supervision,
+        "labeled": len(lab),
+        "unlabeled": len(unl),
+        "train_keys": train_set.keys,
+        "test_keys": test_set.keys,
+    }
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(variant, model_cfg).to(device)
+    optimizers = make_optimizers(model, phases)
+    start, history, seconds = 0, [], 0.0
+    ckpt_path = out_dir / CHECKPOINT
+    if resume and ckpt_path.exists():
+        ckpt = _load(ckpt_path)
+        saved = (ckpt.get("variant"), ckpt.get("model_cfg"), ckpt.get("run"))
+        if saved != (variant, asdict(model_cfg), run):
+            raise InputError(
+                ckpt_path,
+                "was written by a run with other settings or data; "
+                "use another --out or delete the checkpoint",
+            )
+        model.load_state_dict(ckpt["model"])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(ckpt["optimizers"][name])
+        start, history, seconds = int(ckpt["epoch"]), list(ckpt["history"]), ckpt["seconds"]
+        _set_rng_state(ckpt["rng"])
+
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        total = len(train_set) * sum(p.epochs for p in phases)
+        desc = f"epoch {epoch + 1}/{cfg.epochs}"
+        with tqdm(total=total, desc=desc, unit="sq", disable=not cfg.progress, leave=False) as bar:
+            losses = {
+                ph.name: run_phase(
+                    model,
+                    ph,
+                    optimizers[ph.name],
+                    train_set,
+                    cfg,
+                    phase_generator(cfg.seed, epoch, k),
+                    device,
+                    bar,
+                )
+                for k, ph in enumerate(phases)
+            }
+        history.append(losses)
+        seconds += time.perf_counter() - t0
+        ckpt = {
+            **_model_record(model, run),
+            "epoch": epoch + 1,
+            "phase": 0,  # checkpoints sit at epoch boundaries: the next phase is the first
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "rng": _rng_state(),
+            "history": history,
+            "seconds": seconds,
+        }
+        with atomic_path(ckpt_path) as tmp:
+            torch.save(ckpt, tmp)
+
+    set_trainable(model, [])
+    metrics = {
+        "variant": variant,
+        "supervision": supervision,
+        "labeled": len(lab),
+        "unlabeled": len(unl),
+        "test": len(test),
+        "epochs": cfg.epochs,
+        "test_mae": evaluate(model, test_set) if len(test) else {},
+        "final_losses": history[-1] if history else {},
+        "train_seconds": round(seconds, 2),
+    }
+    with atomic_path(out_dir / MODEL_FILE) as tmp:
+        torch.save(_model_record(model, run), tmp)
+    atomic_write_text(out_dir / METRICS, json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[XCryoNet, ModelConfig]:
+    """Rebuild a trained model from ``model_dir/model.pt`` (eval mode, frozen)."""
+    path = Path(model_dir) / MODEL_FILE
+    rec = _load(path)
+    known = {f.name for f in fields(ModelConfig)}
+    cfg = ModelConfig(**{k: v for k, v in rec["model_cfg"].items() if k in known})
+    model = build_model(str(rec["variant"]), cfg)
+    try:
+        model.load_state_dict(rec["model"])
+    except RuntimeError as err:
+        raise InputError(path, f"weights do not fit the {rec['variant']} model ({err})") from None
+    set_trainable(model, [])
+    return model.to(resolve_device(device)).eval(), cfg
+
+
+def evaluate_dir(
+    model_dir: str | Path, squares_dir: str | Path, labels_csv: str | Path
+) -> dict[str, float | None]:
+    """MAE per score of a trained model on every labelled square of a dataset."""
+    model, cfg = load_model(model_dir)
+    table = read_table(squares_dir, labels_csv)
+    rows = np.flatnonzero(table["labelled"].to_numpy())
+    if len(rows) == 0:
+        raise InputError(labels_csv, "no label matches an extracted square")
+    data = load_squares_set(squares_dir, table.iloc[rows], cfg, np.ones(len(rows), bool))
+    return evaluate(model, data)
