@@ -38,6 +38,12 @@ MESH_GEOMETRY: dict[int, tuple[float, float]] = {
 }
 
 DEFECT_KINDS = ("crack", "broken", "contamination", "occluded", "ice")
+# Classes of ``SimulatedGrid.defects``, the per-pixel defect map (uint8). They follow the truth's
+# exclusive classes: occluded pixels of the visible opening, then within the open area broken
+# film, contamination (blob or speck core, alpha >= 0.5) and cracks (crack alpha >= 0.5). "ice"
+# is a whole-square defect and has no pixel class; ice, bars and everything else are NONE.
+DEFECT_NONE, DEFECT_CRACK, DEFECT_BROKEN, DEFECT_CONTAMINATION, DEFECT_OCCLUDED = range(5)
+DEFECT_CLASSES = ("none", "crack", "broken", "contamination", "occluded")
 LAYOUTS = ("epu", "serialem", "mrc")
 
 # --- scoring: every threshold the docs describe lives here --------------------------------
@@ -175,6 +181,10 @@ class SimulatedGrid:
         tile_nominal_rc: (N, 2) int64 nominal raster positions (what a montage records).
         tile_stage_xy_um: (N, 2) REPORTED stage (x, y) of each tile centre: true + stage error.
         truth: one row per square with any visible opening; columns ``TRUTH_COLUMNS``.
+        defects: per-pixel defect map, uint8, same shape and frame as ``image``: 0 none,
+            1 crack, 2 broken film, 3 contamination, 4 occluded (``DEFECT_CLASSES``); counted
+            over a square's open area (classes 1-3) it gives the truth's fractions exactly.
+            In memory only; nothing writes it.
     """
 
     grid_id: str
@@ -187,6 +197,7 @@ class SimulatedGrid:
     tile_nominal_rc: np.ndarray
     tile_stage_xy_um: np.ndarray
     truth: pd.DataFrame = field(repr=False)
+    defects: np.ndarray | None = field(default=None, repr=False)
 
 
 # ------------------------------------------------------------------------------------------
@@ -620,9 +631,12 @@ def _plan_square(
 
 
 def _render_square(
-    plan: _Plan, spec: GridSpec, ctx: _Ctx, image: np.ndarray
+    plan: _Plan, spec: GridSpec, ctx: _Ctx, image: np.ndarray, defects: np.ndarray | None = None
 ) -> dict[str, Any] | None:
     """Render one square into ``image`` (adds to the bar level) and measure its truth.
+
+    If ``defects`` (uint8, like ``image``) is given, the square's visible pixels get their
+    ``DEFECT_CLASSES`` label in it (the same hard masks the truth fractions count).
 
     Works in the square's own window with in-place float32 arithmetic (paper-scale windows are
     ~1 Mpx, and fresh temporaries cost page faults). Returns the truth record, or None if no
@@ -819,6 +833,18 @@ def _render_square(
             transmission=float(trans[open_].mean(dtype=np.float64)),
             fill_ratio=min(1.0, n_open / float(side) ** 2),
         )
+    if defects is not None:
+        # Labels only on the visible opening, so neighbouring windows never overwrite each other.
+        lab = np.zeros(visible.shape, np.uint8)
+        if occluded is not None:
+            lab[occluded & visible] = DEFECT_OCCLUDED
+        if n_open:
+            lab[c_mask] = DEFECT_CRACK
+            lab[b_mask] = DEFECT_BROKEN
+            lab[k_mask] = DEFECT_CONTAMINATION
+        dr0, dr1, dc0, dc1 = max(r0, 0), min(r1, rows), max(c0, 0), min(c1, cols)
+        dst = defects[dr0:dr1, dc0:dc1]
+        np.maximum(dst, lab[dr0 - r0 : dr1 - r0, dc0 - c0 : dc1 - c0], out=dst)
 
     # Add into the image (the window may stick out of the mosaic): alpha * (counts - bar).
     trans *= f32(ctx.dose)
@@ -942,6 +968,7 @@ def simulate_grid(spec: GridSpec, seed: int) -> SimulatedGrid:
         tiles_hi=origins + np.array([th, tw]),
     )
     image = np.empty(shape, np.float32)
+    defects = np.zeros(shape, np.uint8)
     _base_layer(
         image, ctx, spec.grid_diameter_um / 2 / p, spec.dose * _RIM_T, spec.dose * _OUTSIDE_T
     )
@@ -985,7 +1012,7 @@ def simulate_grid(spec: GridSpec, seed: int) -> SimulatedGrid:
         plan = _plan_square(
             spec, seed, (int(i), int(j)), (float(centre[0]), float(centre[1])), base_ice
         )
-        rec = _render_square(plan, spec, ctx, image)
+        rec = _render_square(plan, spec, ctx, image, defects)
         if rec is not None:
             records.append(rec)
     # Pixels no tile covers were never imaged.
@@ -1015,6 +1042,7 @@ def simulate_grid(spec: GridSpec, seed: int) -> SimulatedGrid:
         tile_nominal_rc=nominal,
         tile_stage_xy_um=reported,
         truth=truth,
+        defects=defects,
     )
 
 
