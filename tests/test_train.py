@@ -97,6 +97,24 @@ def test_each_phase_updates_exactly_its_parameters(variant):
             assert changed == (id(p) in trainable), f"{phase.name}: {name} changed={changed}"
 
 
+def test_fusion_phase_ignores_unlabelled_squares():
+    """A supervised-only phase never steps on unlabelled squares (Adam momentum would move it)."""
+    fusion = phases_for("xcryonet")[-1]
+    model = build_model("xcryonet", TINY_MODEL)
+    opt = make_optimizers(model, [fusion])[fusion.name]
+    cfg = TrainConfig(batch_size=4, progress=False)
+    cpu, gen = torch.device("cpu"), torch.Generator().manual_seed(0)
+    x, y = batch(n=12, labelled=4)
+    labelled = SquareSet(x.half(), y, [str(i) for i in range(len(x))])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    run_phase(model, fusion, opt, labelled, cfg, gen, cpu)  # builds Adam momentum
+    assert not all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    unlabelled = SquareSet(x.half(), torch.full_like(y, float("nan")), labelled.keys)
+    run_phase(model, fusion, opt, unlabelled, cfg, gen, cpu)
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+
+
 def test_phases_are_the_papers():
     names = [p.name for p in phases_for("xcryonet")]
     assert names == ["primary_attribute", "attribute_autoencoder", "fusion"]

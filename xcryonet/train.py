@@ -344,6 +344,11 @@ def autocast(device: torch.device, amp: str) -> AbstractContextManager[Any]:
     return nullcontext()
 
 
+def phase_is_supervised_only(phase: PhaseConfig) -> bool:
+    """True when every loss of ``phase`` needs labels (it learns nothing from unlabelled rows)."""
+    return all(name.endswith("_supervised") for name in phase.losses)
+
+
 def run_phase(
     model: XCryoNet,
     phase: PhaseConfig,
@@ -354,7 +359,14 @@ def run_phase(
     device: torch.device,
     bar: tqdm | None = None,
 ) -> dict[str, float]:
-    """One pass of a phase over the data; returns the mean of each loss."""
+    """One pass of a phase over the data; returns the mean of each loss.
+
+    A phase whose losses are all supervised (fusion) runs over the labelled squares only:
+    unlabelled ones would give it zero loss, and Adam's momentum would still move the weights
+    on a batch without labels.
+    """
+    if phase_is_supervised_only(phase):
+        data = data.subset(np.flatnonzero((~torch.isnan(data.y)).any(dim=1).numpy()))
     set_trainable(model, phase.trainable)
     model.train()
     sums: dict[str, float] = {}
@@ -531,7 +543,11 @@ def train(
 
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
-        total = len(train_set) * sum(p.epochs for p in phases)
+        n_labelled = int((~torch.isnan(train_set.y)).any(dim=1).sum())
+        total = sum(
+            (n_labelled if phase_is_supervised_only(p) else len(train_set)) * p.epochs
+            for p in phases
+        )
         desc = f"epoch {epoch + 1}/{cfg.epochs}"
         with tqdm(total=total, desc=desc, unit="sq", disable=not cfg.progress, leave=False) as bar:
             losses = {
