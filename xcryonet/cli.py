@@ -80,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--top", type=int, default=20, help="squares in the navigator (default 20)")
 
+    p = sub.add_parser("experiment", help="the paper's Table 1 protocol plus baselines")
+    _add_params(p)
+    p.add_argument("--squares", required=True, help="output folder of `xcryonet extract`")
+    p.add_argument("--labels", required=True, help="labels.csv")
+    p.add_argument("--out", required=True, help="results folder (runs resume from here)")
+    p.add_argument("--quick", action="store_true", help="minutes on a CPU: tiny model, 2 epochs")
+    p.add_argument("--repeats", type=int, help="random train/test splits (default 4; quick 2)")
+    p.add_argument("--labeled", type=int, nargs="+", help="label counts (default 100 500 900)")
+
     p = sub.add_parser("inspect", help="print a JSON summary of an atlas")
     p.add_argument("path", help="EPU atlas folder or Atlas.dm, SerialEM montage, or MRC file")
 
@@ -136,6 +145,22 @@ def _run(args: argparse.Namespace) -> int:
             unlabeled=args.unlabeled,
         )
         print(json.dumps(result, indent=2, ensure_ascii=False))
+        return 0
+    if args.command == "experiment":
+        from dataclasses import replace
+
+        from xcryonet.experiment import FULL, QUICK, run_experiment, summarize
+
+        plan = QUICK if args.quick else FULL
+        if args.repeats:
+            plan = replace(plan, repeats=args.repeats)
+        if args.labeled:
+            plan = replace(plan, label_counts=tuple(args.labeled))
+        results = run_experiment(
+            Path(args.squares), Path(args.labels), Path(args.out), params, plan
+        )
+        print((Path(args.out) / "results.md").read_text())
+        print(json.dumps({"runs": len(results), "summary": len(summarize(results))}))
         return 0
     if args.command == "score":
         result = stages.score(

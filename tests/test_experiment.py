@@ -1,0 +1,72 @@
+"""The quick profile of the paper's experiment runs end to end (CI runs it)."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from xcryonet.config import Params
+from xcryonet.experiment import QUICK, method_name, run_experiment
+from xcryonet.labels import SCORE_NAMES
+from xcryonet.stages import extract, simulate
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Three default-size demo grids (about 750 squares, 260 labelled), extracted."""
+    root = tmp_path_factory.mktemp("exp")
+    params = Params()
+    simulate(
+        params.simulate,
+        out_dir=str(root / "raw"),
+        labels_path=str(root / "labels.csv"),
+        truth_dir=str(root / "truth"),
+        n_grids=3,
+    )
+    result = extract(sorted((root / "raw").iterdir()), root / "squares", params.extract)
+    assert result["failed"] == []
+    return root
+
+
+def test_quick_experiment(dataset):
+    params = Params()
+    out = dataset / "results"
+    results = run_experiment(dataset / "squares", dataset / "labels.csv", out, params, QUICK)
+    methods = set(QUICK.baselines) | {
+        method_name(v, s) for v in QUICK.variants for s in QUICK.supervisions
+    }
+    assert set(results["method"]) == methods
+    assert len(results) == QUICK.repeats * len(methods)
+    maes = results[list(SCORE_NAMES)].to_numpy(float)
+    assert np.isfinite(maes).all() and (maes >= 0).all() and (maes <= 4).all()
+    # Every method of a repeat is scored on the same test squares.
+    assert results.groupby("repeat")["n_test"].nunique().eq(1).all()
+    # The hand-crafted features learn something real: they beat the mean predictor.
+    mean = results[results["method"] == "mean"][["cracking", "overall"]].mean()
+    gbm = results[results["method"] == "features_gbm"][["cracking", "overall"]].mean()
+    assert (gbm < mean).all()
+    text = (out / "results.md").read_text()
+    assert "| XCryoNet-SS | 100 |" in text and "paper: XCryoNet-SS" in text
+    summary = pd.read_csv(out / "summary.csv")
+    assert set(summary["method"]) == methods
+
+    # A second run finds every model finished and reproduces the table.
+    again = run_experiment(dataset / "squares", dataset / "labels.csv", out, params, QUICK)
+    models = again["method"].str.contains("-")
+    pd.testing.assert_frame_equal(
+        again[models].drop(columns="seconds").reset_index(drop=True),
+        results[models].drop(columns="seconds").reset_index(drop=True),
+    )
+
+
+def test_too_many_labels_is_a_clear_error(dataset, tmp_path):
+    from xcryonet.errors import InputError
+
+    plan = replace(QUICK, label_counts=(5000,))
+    with pytest.raises(InputError, match="labelled training squares wanted"):
+        run_experiment(dataset / "squares", dataset / "labels.csv", tmp_path, Params(), plan)
+    assert not Path(tmp_path / "results.csv").exists()

@@ -1,0 +1,229 @@
+"""The paper's experiment (Table 1) on a dataset, plus the baselines a user would try instead.
+
+Protocol: for each repeat, a seeded uniform random split holds out ``test_fraction`` of the
+labelled squares as the test set, the same for every method in that repeat. Each method trains on
+the first 100, 500 or 900 of the remaining labelled squares (nested), and the SS variants also on
+``unlabeled`` unlabelled squares. Reported: MAE per score on the test squares, mean ± std over
+the repeats. Every run's model folder is kept under ``out/runs``; a finished run is not run
+again and an interrupted one resumes from its checkpoint, so a killed experiment goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from xcryonet.config import Params
+from xcryonet.errors import InputError
+from xcryonet.io.atomic import atomic_write_text
+from xcryonet.labels import SCORE_NAMES
+
+# The paper's Table 1 figures that the issue quotes (MAE per score).
+PAPER = {
+    ("XCryoNet-SS", 100): (0.91, 1.08, 1.35, 1.23, 1.38),
+    ("XCryoNet-SS (best)", 900): (0.26, 0.49, 0.71, 0.62, 0.47),
+}
+
+
+@dataclass(frozen=True)
+class ExperimentPlan:
+    """What to run.
+
+    Attributes:
+        label_counts: labelled training squares per run (nested within a repeat).
+        unlabeled: unlabelled squares added for SS runs.
+        repeats: random train/test splits (seeds 0..repeats-1).
+        variants: model variants; supervisions: ``fs`` and/or ``ss``.
+        baselines: names from ``xcryonet.baselines``.
+        epochs, input_px, width: overrides of params (None = keep params).
+    """
+
+    label_counts: tuple[int, ...] = (100, 500, 900)
+    unlabeled: int = 1500
+    repeats: int = 4
+    variants: tuple[str, ...] = ("primary", "xcryonet")
+    supervisions: tuple[str, ...] = ("fs", "ss")
+    baselines: tuple[str, ...] = ("mean", "features_gbm", "ice_filter")
+    epochs: int | None = None
+    input_px: int | None = None
+    width: int | None = None
+
+
+FULL = ExperimentPlan()
+# Minutes on a CPU, for CI: the same protocol shape, tiny model, few epochs, two repeats.
+QUICK = ExperimentPlan(
+    label_counts=(100,), unlabeled=300, repeats=2, epochs=2, input_px=32, width=4
+)
+
+
+def method_name(variant: str, supervision: str) -> str:
+    """``XCryoNet-SS``, ``Primary-FS``, ... as in the paper."""
+    return f"{'XCryoNet' if variant == 'xcryonet' else 'Primary'}-{supervision.upper()}"
+
+
+def _raw_crops(squares_dir: Path, table: pd.DataFrame) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Native-resolution crops and masks of ``table``'s rows, in row order."""
+    from xcryonet.stages import CROPS_NPZ
+
+    crops: list[np.ndarray] = [np.zeros((0, 0))] * len(table)
+    masks: list[np.ndarray] = [np.zeros((0, 0), bool)] * len(table)
+    pos = np.arange(len(table))
+    for grid_id, rows in table.groupby("grid_id", sort=True).groups.items():
+        where = pos[table.index.get_indexer(rows)]
+        with np.load(Path(squares_dir) / str(grid_id) / CROPS_NPZ) as z:
+            c, m = z["crops"], z["masks"]
+        for w, sid in zip(where, table.iloc[where]["square_id"].to_numpy(int), strict=True):
+            crops[w] = c[sid].astype(np.float32)
+            masks[w] = m[sid]
+    return crops, masks
+
+
+def run_experiment(
+    squares_dir: Path,
+    labels_csv: Path,
+    out_dir: Path,
+    params: Params,
+    plan: ExperimentPlan = FULL,
+) -> pd.DataFrame:
+    """Run every method of ``plan``; write results.csv, summary.csv and results.md in ``out_dir``.
+
+    Returns the long table: one row per (method, labeled, repeat) with the MAE of each score.
+    """
+    from xcryonet.baselines import build_baseline
+    from xcryonet.train import read_table, split_rows, train
+
+    table = read_table(squares_dir, labels_csv)
+    y_all = table[[f"label_{s}" for s in SCORE_NAMES]].to_numpy(float)
+    train_cfg = replace(
+        params.train,
+        epochs=plan.epochs or params.train.epochs,
+        progress=False,
+    )
+    model_cfg = replace(
+        params.model,
+        input_px=plan.input_px or params.model.input_px,
+        width=plan.width or params.model.width,
+    )
+    n_pool = int(table["labelled"].sum() * (1 - train_cfg.test_fraction))
+    if max(plan.label_counts) > n_pool:
+        raise InputError(
+            labels_csv,
+            f"{max(plan.label_counts)} labelled training squares wanted, only about {n_pool} "
+            "are left after the test split",
+        )
+    crops, masks = _raw_crops(squares_dir, table)
+    jobs = [
+        (r, n, v, s)
+        for r in range(plan.repeats)
+        for n in plan.label_counts
+        for v in plan.variants
+        for s in plan.supervisions
+    ]
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(total=len(jobs) + plan.repeats * len(plan.label_counts), desc="experiment")
+    for r in range(plan.repeats):
+        cfg_r = replace(train_cfg, seed=r)
+        for n in plan.label_counts:
+            lab, _, test = split_rows(
+                table,
+                supervision="fs",
+                labeled=n,
+                unlabeled=0,
+                test_fraction=cfg_r.test_fraction,
+                seed=r,
+                path=labels_csv,
+            )
+            for name in plan.baselines:
+                t0 = time.perf_counter()
+                model = build_baseline(name).fit(
+                    [crops[i] for i in lab], [masks[i] for i in lab], y_all[lab]
+                )
+                pred = model.predict([crops[i] for i in test], [masks[i] for i in test])
+                err = np.abs(pred - y_all[test])
+                rows.append(
+                    {
+                        "method": name,
+                        "labeled": n,
+                        "repeat": r,
+                        "n_test": len(test),
+                        "seconds": round(time.perf_counter() - t0, 2),
+                        **{s: float(np.nanmean(err[:, k])) for k, s in enumerate(SCORE_NAMES)},
+                    }
+                )
+            bar.update()
+            for v in plan.variants:
+                for s in plan.supervisions:
+                    run_dir = out_dir / "runs" / f"{v}-{s}-{n}-r{r}"
+                    done = run_dir / "metrics.json"
+                    if done.exists():
+                        metrics = json.loads(done.read_text())
+                    else:
+                        metrics = train(
+                            squares_dir,
+                            labels_csv,
+                            run_dir,
+                            cfg_r,
+                            model_cfg=model_cfg,
+                            variant=v,
+                            supervision=s,
+                            labeled=n,
+                            unlabeled=plan.unlabeled if s == "ss" else None,
+                        )
+                    rows.append(
+                        {
+                            "method": method_name(v, s),
+                            "labeled": n,
+                            "repeat": r,
+                            "n_test": metrics["test"],
+                            "seconds": metrics.get("train_seconds"),
+                            **{k: metrics["test_mae"][k] for k in SCORE_NAMES},
+                        }
+                    )
+                    bar.update()
+    bar.close()
+    results = pd.DataFrame(rows)
+    summary = summarize(results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "results.csv", results.to_csv(index=False))
+    atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
+    atomic_write_text(out_dir / "results.md", markdown(summary, plan))
+    return results
+
+
+def summarize(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over repeats of each score's MAE, per method and label count."""
+    agg = results.groupby(["method", "labeled"], sort=False)[list(SCORE_NAMES)].agg(["mean", "std"])
+    agg.columns = [f"{s}_{stat}" for s, stat in agg.columns]
+    agg["repeats"] = results.groupby(["method", "labeled"], sort=False).size()
+    return agg.reset_index()
+
+
+def markdown(summary: pd.DataFrame, plan: ExperimentPlan) -> str:
+    """Results as a markdown table (MAE mean ± std), with the paper's figures beside them."""
+    head = "| method | labelled | " + " | ".join(SCORE_NAMES) + " |"
+    lines = [
+        "# XCryoNet experiment: MAE per score (lower is better), mean ± std over repeats",
+        "",
+        f"Plan: {plan}",
+        "",
+        head,
+        "|" + "---|" * (len(SCORE_NAMES) + 2),
+    ]
+    for row in summary.itertuples(index=False):
+        d = row._asdict()
+        cells = [
+            f"{d[f'{s}_mean']:.2f} ± {0.0 if np.isnan(d[f'{s}_std']) else d[f'{s}_std']:.2f}"
+            for s in SCORE_NAMES
+        ]
+        lines.append(f"| {d['method']} | {d['labeled']} | " + " | ".join(cells) + " |")
+    for (name, n), vals in PAPER.items():
+        cells = [f"{v:.2f}" for v in vals]
+        lines.append(f"| paper: {name} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
