@@ -33,31 +33,15 @@ import hashlib
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from common import MALLOC_ENV, ensure_malloc_env, rss_gb  # noqa: E402  (bench/ sibling)
 
 ROOT = Path(__file__).resolve().parents[1]
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
-
-
-def _rss_gb() -> float:
-    """Peak resident set size of this process so far, GB.
-
-    Reads ``VmHWM`` from /proc/self/status: ``ru_maxrss`` would report the parent's peak when the
-    parent was bigger (Linux keeps it across fork and exec).
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e9
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +146,7 @@ def worker_find(folder: Path, threads: int, repeat: int) -> dict:
 
     meta = json.loads((folder / "meta.json").read_text())
     image = np.load(folder / "image.npy")
-    rss_loaded = _rss_gb()
+    rss_loaded = rss_gb()
     cfg = replace(ExtractConfig(), threads=threads)
     times = []
     for _ in range(repeat):
@@ -180,7 +164,7 @@ def worker_find(folder: Path, threads: int, repeat: int) -> dict:
         "seconds_median": float(np.median(times)),
         "repeats": repeat,
         "rss_loaded_gb": rss_loaded,
-        "peak_rss_gb": _rss_gb(),
+        "peak_rss_gb": rss_gb(),
         "pitch_px": res.lattice.pitch_px,
         "square_px": res.lattice.square_px,
         "coarse_factor": res.coarse_factor,
@@ -220,7 +204,7 @@ def worker_stage(folder: Path) -> dict:
     )
     return {
         "seconds": elapsed,
-        "peak_rss_gb": _rss_gb(),
+        "peak_rss_gb": rss_gb(),
         "n_found": len(table),
         "written_mb": written / 1e6,
     }
@@ -271,7 +255,7 @@ def worker_naive(folder: Path, crop: int) -> dict:
     a = meta["hole_um"] / meta["pixel_size_um"]
     levels = Levels(bar=0.0, open=1.0, vacuum=1.0, threshold=0.5)
     template = square_template(p, a, math.radians(meta["rotation_deg"]), levels)
-    rss_loaded = _rss_gb()
+    rss_loaded = rss_gb()
     t0 = time.perf_counter()
     with scipy.fft.set_workers(2):
         ncc = match_template(image, template, pad_input=True)
@@ -281,7 +265,7 @@ def worker_naive(folder: Path, crop: int) -> dict:
         "shape": list(image.shape),
         "template": list(template.shape),
         "rss_loaded_gb": rss_loaded,
-        "peak_rss_gb": _rss_gb(),
+        "peak_rss_gb": rss_gb(),
         "ncc_max": float(ncc.max()),
     }
 
@@ -448,8 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crop", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
-    if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+    ensure_malloc_env()
     if args.worker == "find":
         print(json.dumps(worker_find(args.folder, args.threads, args.repeat)))
         return 0

@@ -34,30 +34,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from common import MALLOC_ENV, ensure_malloc_env, rss_gb  # noqa: E402  (bench/ sibling)
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 PHASES = ("primary_attribute", "attribute_autoencoder", "fusion")
 # The protocol's largest SS setting and the full run the speed target is about.
 LABELED, UNLABELED, EPOCHS = 100, 1500, 75
 TARGET_MIN, TARGET_PX = 20.0, 128
-
-
-def _rss_gb() -> float:
-    """Peak resident set size of this process so far (``VmHWM``), GB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e9
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +165,7 @@ def worker(args: argparse.Namespace) -> dict:
     out["epoch_cpu_s"] = sum(n_rows / v["img_cpu_s"] for v in out["phases"].values())
     # What the epoch would take if the fusion phase ran over the labelled rows only.
     out["epoch_s_fusion_labeled"] = out["epoch_s"] - sec["fusion"] * (1 - LABELED / n_rows)
-    out["rss_gb"] = _rss_gb()
+    out["rss_gb"] = rss_gb()
     if device.type == "cuda":
         out["cuda_peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     out["load"] = os.getloadavg()[0]
@@ -261,8 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
-    if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+    ensure_malloc_env()
     if args.worker:
         print(json.dumps(worker(args)), flush=True)
         return 0

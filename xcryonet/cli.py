@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_json(result: object) -> None:
+    """Print a stage's result as readable JSON (µm stays µm)."""
+    _print_json(result)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 failure, 2 bad input)."""
     args = build_parser().parse_args(argv)
@@ -117,20 +122,14 @@ def _run(args: argparse.Namespace) -> int:
     from xcryonet.config import load_params
 
     if args.command == "inspect":
-        print(json.dumps(stages.inspect(Path(args.path)), indent=2, ensure_ascii=False))
+        _print_json(stages.inspect(Path(args.path)))
         return 0
     if args.command == "labels":
-        print(
-            json.dumps(
-                stages.check_labels(Path(args.labels), Path(args.squares)),
-                indent=2,
-                ensure_ascii=False,
-            )
-        )
+        _print_json(stages.check_labels(Path(args.labels), Path(args.squares)))
         return 0
     if args.command == "evaluate":
         result = stages.evaluate_model(Path(args.model), Path(args.squares), Path(args.labels))
-        print(json.dumps(result, indent=2, ensure_ascii=False))
+        _print_json(result)
         return 0
     params = load_params(args.params, args.overrides)
     if args.command == "train":
@@ -144,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
             labeled=args.labeled,
             unlabeled=args.unlabeled,
         )
-        print(json.dumps(result, indent=2, ensure_ascii=False))
+        _print_json(result)
         return 0
     if args.command == "experiment":
         from dataclasses import replace
@@ -172,7 +171,7 @@ def _run(args: argparse.Namespace) -> int:
             nav_path=Path(args.nav) if args.nav else None,
             top_n=args.top,
         )
-        print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
+        _print_json(result)
         return 0
     if args.command == "simulate":
         result = stages.simulate(
@@ -182,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
             truth_dir=args.truth,
             n_grids=args.grids,
         )
-        print(json.dumps(result, indent=2, ensure_ascii=False))
+        _print_json(result)
         return 0
     if args.command == "extract":
         result = stages.extract(
@@ -191,7 +190,7 @@ def _run(args: argparse.Namespace) -> int:
             params.extract,
             workers=args.workers,
         )
-        print(json.dumps(result, indent=2, ensure_ascii=False))
+        _print_json(result)
         for problem in result["failed"]:
             print(f"error: {problem}", file=sys.stderr)
         return 0 if not result["failed"] else 2

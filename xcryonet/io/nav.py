@@ -43,6 +43,7 @@ import pandas as pd
 
 from xcryonet.errors import InputError
 from xcryonet.io.atomic import atomic_write_text
+from xcryonet.io.text import read_text_file
 
 NAV_VERSION = "2.00"
 REQUIRED_COLUMNS = ("grid_id", "square_id", "x_um", "y_um", "rank")
@@ -282,12 +283,7 @@ def read_navigator(path: str | Path) -> list[dict[str, Any]]:
             lines, or an item that lacks a key SerialEM requires or has malformed numbers.
     """
     path = Path(path)
-    try:
-        if path.stat().st_size > _MAX_NAV_BYTES:
-            raise InputError(path, "implausibly large navigator file")
-        text = path.read_bytes().decode("utf-8", errors="replace")
-    except OSError as exc:
-        raise InputError(path, f"cannot read file ({exc.strerror or exc})") from None
+    text = read_text_file(path, _MAX_NAV_BYTES, "navigator")
     lines = text.lstrip("\ufeff").splitlines()
     first = lines[0].strip() if lines else ""
     if first.startswith("<?xml"):

@@ -18,6 +18,7 @@ import numpy as np
 from xcryonet.errors import InputError
 from xcryonet.io.atomic import atomic_path
 from xcryonet.io.mrc import write_mrc
+from xcryonet.io.text import read_text_file
 
 # Largest .mdoc we read: real ones are kilobytes to a few MB.
 _MAX_MDOC_BYTES = 64 << 20
@@ -79,12 +80,7 @@ def parse_mdoc(path: str | Path) -> MdocMontage:
             malformed numbers in the keys we use.
     """
     path = Path(path)
-    try:
-        if path.stat().st_size > _MAX_MDOC_BYTES:
-            raise InputError(path, "implausibly large .mdoc file")
-        text = path.read_bytes().decode("utf-8", errors="replace")
-    except OSError as exc:
-        raise InputError(path, f"cannot read file ({exc.strerror or exc})") from None
+    text = read_text_file(path, _MAX_MDOC_BYTES, ".mdoc")
     global_keys: dict[str, str] = {}
     sections: list[tuple[str, dict[str, str]]] = []
     current: dict[str, str] | None = global_keys
