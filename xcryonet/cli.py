@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _print_json(result: object) -> None:
     """Print a stage's result as readable JSON (µm stays µm)."""
-    _print_json(result)
+    print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
