@@ -12,12 +12,13 @@ rows, so the masked losses behave as in a real run). It times each training phas
 ``xcryonet.train.run_phase`` (batch gather, augmentation, forward, backward, Adam step) over a
 fixed number of batches after one warm-up batch, and inference with ``predict_tensor``.
 
-Every phase runs over the whole training set, labelled and unlabelled rows alike (see
-``xcryonet.train.train``): the primary/attribute phase for the primary reconstruction, the
-attribute autoencoder phase for the attribute reconstructions, and the fusion phase because the
-loop does not tell the rows apart (unlabelled rows give it zero loss). So one epoch is
-``sum(1600 / img_s)`` over the phases, and the projected run is 75 such epochs (checkpointing,
-data loading and the final evaluation excluded). At 640 px on a CPU only a few batches are
+An epoch's phases see what ``xcryonet.train.train`` gives them (``xcryonet.train.phase_size``):
+the primary/attribute phase every unlabelled square once, with a quarter of each batch drawn
+from the labelled squares (``train.labelled_fraction``), about 2016 squares; the attribute
+autoencoder phase all 1600 squares; the fusion phase the 100 labelled squares
+``xcryonet.train.fusion_passes`` times. img/s counts the squares a phase actually processed, and one
+epoch is ``sum(phase_size / img_s)``; the projected run is 75 such epochs (checkpointing, data
+loading and the final evaluation excluded). At 640 px on a CPU only a few batches are
 timed, and the per-image rate is extrapolated to the epoch; the output says so.
 
 Knobs: ``--stem-stride``, ``--amp bf16`` (autocast; the CPU has AVX512-BF16), ``--threads``,
@@ -86,8 +87,10 @@ def worker(args: argparse.Namespace) -> dict:
     from xcryonet.model import build_model
     from xcryonet.train import (
         autocast,
+        fusion_passes,
         make_optimizers,
         phase_generator,
+        phase_size,
         phases_for,
         predict_tensor,
         resolve_device,
@@ -105,7 +108,7 @@ def worker(args: argparse.Namespace) -> dict:
     model = build_model("xcryonet", mcfg).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    phases = phases_for("xcryonet", cfg.lr)
+    phases = phases_for("xcryonet", cfg.lr, fusion_passes(cfg, LABELED))
     opts = make_optimizers(model, phases)
     if args.compile:
         model.compile()
@@ -141,10 +144,13 @@ def worker(args: argparse.Namespace) -> dict:
         run_phase(model, ph, opts[ph.name], timed, cfg, phase_generator(0, 1, k), device)
         _sync(device)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        n_lab = int((~torch.isnan(timed.y)).any(dim=1).sum())
+        seen = phase_size(ph, n_lab, len(timed), cfg)
         out["phases"][ph.name] = {
-            "img_s": len(timed) / dt,
-            "img_cpu_s": len(timed) / cpu,
+            "img_s": seen / dt,
+            "img_cpu_s": seen / cpu,
             "warmup_s": t_warm,
+            "epoch_images": phase_size(ph, LABELED, n_rows, cfg),
         }
 
     set_trainable(model, [])
@@ -159,12 +165,10 @@ def worker(args: argparse.Namespace) -> dict:
     _sync(device)
     out["inference"] = {"img_s": n_inf / (time.perf_counter() - t0), "warmup_s": t_warm}
 
-    sec = {name: n_rows / v["img_s"] for name, v in out["phases"].items()}
-    out["epoch_s"] = sum(sec.values())
+    ph_all = out["phases"].values()
+    out["epoch_s"] = sum(v["epoch_images"] / v["img_s"] for v in ph_all)
     # Per CPU-second of this process: with one thread, what an idle dedicated core would do.
-    out["epoch_cpu_s"] = sum(n_rows / v["img_cpu_s"] for v in out["phases"].values())
-    # What the epoch would take if the fusion phase ran over the labelled rows only.
-    out["epoch_s_fusion_labeled"] = out["epoch_s"] - sec["fusion"] * (1 - LABELED / n_rows)
+    out["epoch_cpu_s"] = sum(v["epoch_images"] / v["img_cpu_s"] for v in ph_all)
     out["rss_gb"] = rss_gb()
     if device.type == "cuda":
         out["cuda_peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
@@ -264,8 +268,9 @@ def main(argv: list[str] | None = None) -> int:
             variants.append((f"base + {knob.lstrip('-')}", [*base, knob]))
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(
-        f"xcryonet variant, SS epoch = {LABELED} labelled + {UNLABELED} unlabelled squares; every"
-        " phase runs over all rows; run_min = 75 epochs (training loop only)"
+        f"xcryonet variant, SS epoch = {LABELED} labelled + {UNLABELED} unlabelled squares "
+        "(phase sizes as in training: xcryonet.train.phase_size); run_min = 75 epochs "
+        "(training loop only)"
     )
     print(HEADER)
     results = []
@@ -284,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{px} px [{label}] on {r['device']} x{r['threads']} threads: "
             f"epoch {r['epoch_s']:.1f} s{note} ({r['epoch_cpu_s']:.1f} CPU-s: with 1 thread, the "
-            f"wall time on an idle core); fusion phase on labelled rows only would give "
-            f"{r['epoch_s_fusion_labeled']:.1f} s; warm-up (incl. compile) "
+            f"wall time on an idle core); squares per phase "
+            f"{', '.join(str(p['epoch_images']) for p in r['phases'].values())}; "
+            f"warm-up (incl. compile) "
             f"{sum(p['warmup_s'] for p in r['phases'].values()):.1f} s"
         )
         if px == TARGET_PX:
@@ -294,9 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  full XCryoNet-SS run ({EPOCHS} epochs, {LABELED}+{UNLABELED}, {px} px): "
                 f"{minutes:.1f} min, {verdict} the {TARGET_MIN:.0f}-min target; "
-                f"{r['epoch_cpu_s'] * EPOCHS / 60:.1f} min in CPU time; "
-                f"{r['epoch_s_fusion_labeled'] * EPOCHS / 60:.1f} min wall with the fusion phase "
-                f"on labelled rows only"
+                f"{r['epoch_cpu_s'] * EPOCHS / 60:.1f} min in CPU time"
             )
     print(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return 0

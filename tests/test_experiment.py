@@ -70,3 +70,21 @@ def test_too_many_labels_is_a_clear_error(dataset, tmp_path):
     with pytest.raises(InputError, match="labelled training squares wanted"):
         run_experiment(dataset / "squares", dataset / "labels.csv", tmp_path, Params(), plan)
     assert not Path(tmp_path / "results.csv").exists()
+
+
+def test_parallel_workers_give_the_same_table(dataset, tmp_path):
+    params = Params()
+    params = replace(params, train=replace(params.train, threads=1))
+    plan = replace(QUICK, repeats=1, epochs=1, variants=("primary",), baselines=("mean",))
+    serial = run_experiment(
+        dataset / "squares", dataset / "labels.csv", tmp_path / "a", params, plan
+    )
+    parallel = run_experiment(
+        dataset / "squares", dataset / "labels.csv", tmp_path / "b", params, plan, workers=2
+    )
+    assert (tmp_path / "b" / "runs" / "primary-ss-100-r0" / "metrics.json").exists()
+    pd.testing.assert_frame_equal(
+        serial.drop(columns="seconds"), parallel.drop(columns="seconds"), check_exact=True
+    )
+    # The table scores rounded predictions; the raw MAE is kept beside it.
+    assert {f"{s}_raw" for s in SCORE_NAMES} <= set(serial.columns)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from xcryonet.errors import InputError
+from xcryonet.labels import SCORE_NAMES
 from xcryonet.model import MODELS, ModelConfig, build_model, parameter_groups
 from xcryonet.train import (
     CHECKPOINT,
@@ -15,13 +16,18 @@ from xcryonet.train import (
     SquareSet,
     TrainConfig,
     augment,
+    epoch_lr,
+    evaluate,
     evaluate_dir,
     load_model,
     make_optimizers,
     masked_mse,
+    phase_batches,
     phase_loss,
+    phase_size,
     phases_for,
     predict,
+    predict_tensor,
     read_table,
     run_phase,
     split_rows,
@@ -72,6 +78,71 @@ def batch(n=6, px=16, labelled=4, seed=0):
     y = torch.randint(0, 5, (n, 5), generator=gen).float()
     y[labelled:] = float("nan")
     return x, y
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@pytest.mark.parametrize(("n_lab", "n_unl"), [(100, 1500), (900, 1500), (40, 40), (5, 3), (7, 0)])
+def test_mixed_batches_cover_every_row_with_a_fixed_labelled_share(n_lab, n_unl):
+    labelled, unlabelled = np.arange(n_lab), np.arange(n_lab, n_lab + n_unl)
+    gen = torch.Generator().manual_seed(0)
+    batches = phase_batches(labelled, unlabelled, 32, 0.25, gen)
+    rows = torch.cat(batches).numpy()
+    assert set(rows) == set(range(n_lab + n_unl))  # every row at least once per pass
+    lab_per_batch = {int((b < n_lab).sum()) for b in batches}
+    if n_unl and n_lab + n_unl > 32:
+        assert len(lab_per_batch) == 1  # the same labelled share in every batch
+        share = lab_per_batch.pop()
+        assert share >= 8 and share >= 32 * n_lab / (n_lab + n_unl)
+        assert all(len(b) == 32 for b in batches)
+    else:
+        assert len(rows) == n_lab + n_unl  # plain shuffle: each row exactly once
+    cfg = TrainConfig(batch_size=32, labelled_fraction=0.25)
+    mixed = phases_for("xcryonet")[0]
+    assert phase_size(mixed, n_lab, n_lab + n_unl, cfg) == len(rows)
+    again = phase_batches(labelled, unlabelled, 32, 0.25, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
+def test_plain_shuffle_when_the_fraction_is_zero():
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.cat(phase_batches(np.arange(10), np.arange(10, 100), 32, 0.0, gen)).numpy()
+    assert sorted(rows) == list(range(100))
+    # With 10 labelled among 100, plain shuffling leaves batches with very few labels.
+    assert phase_size(phases_for("xcryonet")[0], 10, 100, TrainConfig(labelled_fraction=0)) == 100
+
+
+def test_cosine_schedule_decays_to_five_percent_and_constant_stays():
+    cfg = TrainConfig(epochs=10, lr=1e-3)
+    lrs = [epoch_lr(cfg, e) for e in range(10)]
+    assert lrs[0] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert lrs[-1] > 5e-5 and epoch_lr(cfg, 10) == pytest.approx(5e-5)
+    assert epoch_lr(TrainConfig(lr_schedule="constant"), 7) == TrainConfig().lr
+    with pytest.raises(InputError, match="lr_schedule"):
+        epoch_lr(TrainConfig(lr_schedule="step"), 0)
+
+
+def test_rounded_evaluation_scores_whole_predictions():
+    torch.manual_seed(0)
+    model = build_model("primary", TINY_MODEL)
+    x, y = batch(n=8, px=16, labelled=8)
+    data = SquareSet(x, y, [str(i) for i in range(8)])
+    raw, rounded = evaluate(model, data), evaluate(model, data, round_scores=True)
+    pred = predict_tensor(model, x)
+    for k, name in enumerate(SCORE_NAMES):
+        assert raw[name] == pytest.approx(float((pred[:, k] - y[:, k]).abs().mean()), abs=1e-6)
+        assert rounded[name] == pytest.approx(
+            float((pred[:, k].round() - y[:, k]).abs().mean()), abs=1e-6
+        )
+
+
+def test_fusion_passes_repeat_the_fusion_phase_only():
+    phases = phases_for("xcryonet", fusion_passes=3)
+    assert [p.epochs for p in phases] == [1, 1, 3]
+    with pytest.raises(InputError):
+        phases_for("xcryonet", fusion_passes=0)
 
 
 # ----------------------------------------------------------------------------- phases

@@ -625,8 +625,13 @@ BASELINES: dict[str, Callable[[], Baseline]] = {
 BASELINE_NAMES = tuple(BASELINES)
 
 
-def build_baseline(name: str) -> Baseline:
-    """A fresh, unfitted baseline by name (one of ``BASELINE_NAMES``)."""
+def build_baseline(name: str, round_scores: bool | None = None) -> Baseline:
+    """A fresh, unfitted baseline by name (one of ``BASELINE_NAMES``).
+
+    ``round_scores`` overrides ``GBMConfig.round_scores`` for ``features_gbm`` (None = default).
+    """
+    if name == "features_gbm" and round_scores is not None:
+        return FeaturesGBM(GBMConfig(round_scores=round_scores))
     try:
         return BASELINES[name]()
     except KeyError:

@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="minutes on a CPU: tiny model, 2 epochs")
     p.add_argument("--repeats", type=int, help="random train/test splits (default 4; quick 2)")
     p.add_argument("--labeled", type=int, nargs="+", help="label counts (default 100 500 900)")
+    p.add_argument("--workers", type=int, default=1, help="runs trained at once (processes)")
 
     p = sub.add_parser("inspect", help="print a JSON summary of an atlas")
     p.add_argument("path", help="EPU atlas folder or Atlas.dm, SerialEM montage, or MRC file")
@@ -156,7 +157,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.labeled:
             plan = replace(plan, label_counts=tuple(args.labeled))
         results = run_experiment(
-            Path(args.squares), Path(args.labels), Path(args.out), params, plan
+            Path(args.squares), Path(args.labels), Path(args.out), params, plan, args.workers
         )
         print((Path(args.out) / "results.md").read_text())
         print(json.dumps({"runs": len(results), "summary": len(summarize(results))}))

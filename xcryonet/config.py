@@ -106,7 +106,7 @@ class ModelConfig:
     width: int = 8
     hidden: int = 64
     stem_stride: int = 2
-    input_px: int = 128
+    input_px: int = 64
     norm_mean: float = 0.5
     norm_std: float = 0.3
 
@@ -135,9 +135,18 @@ class TrainConfig:
         amp: ``auto`` (bf16 autocast on cuda, none on cpu), ``bf16`` or ``off``.
         threads: torch CPU threads (0 = torch's default).
         progress: show tqdm progress bars.
+        labelled_fraction: share of each batch drawn from the labelled squares in a phase that
+            mixes supervised and reconstruction losses, when unlabelled squares are present
+            (the labelled ones are cycled; every unlabelled one is seen once per epoch). 0 =
+            plain shuffling, where 100 labels among 1500 unlabelled give ~2 per batch.
+        fusion_squares: the fusion phase passes over the labelled squares
+            ``ceil(fusion_squares / labelled)`` times per epoch (at least once), so that with
+            100 labels it gets as many steps as with 400.
+        lr_schedule: ``cosine`` (lr decays from ``lr`` to 5 % of it over ``epochs``; a function
+            of the epoch alone, so resuming stays exact) or ``constant``.
     """
 
-    epochs: int = 75
+    epochs: int = 30
     batch_size: int = 32
     lr: float = 1e-3
     seed: int = 0
@@ -148,6 +157,9 @@ class TrainConfig:
     amp: str = "auto"
     threads: int = 0
     progress: bool = True
+    labelled_fraction: float = 0.25
+    fusion_squares: int = 400
+    lr_schedule: str = "cosine"
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,10 @@ again and an interrupted one resumes from its checkpoint, so a killed experiment
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,8 @@ class ExperimentPlan:
         variants: model variants; supervisions: ``fs`` and/or ``ss``.
         baselines: names from ``xcryonet.baselines``.
         epochs, input_px, width: overrides of params (None = keep params).
+        round_scores: the table scores every method's predictions rounded to whole scores,
+            as operators label (results.csv also keeps the raw MAE as ``<score>_raw``).
     """
 
     label_counts: tuple[int, ...] = (100, 500, 900)
@@ -54,6 +59,7 @@ class ExperimentPlan:
     epochs: int | None = None
     input_px: int | None = None
     width: int | None = None
+    round_scores: bool = True
 
 
 FULL = ExperimentPlan()
@@ -85,19 +91,86 @@ def _raw_crops(squares_dir: Path, table: pd.DataFrame) -> tuple[list[np.ndarray]
     return crops, masks
 
 
+def _train_job(args: tuple[Any, ...]) -> None:
+    """One CNN run of the protocol (a process-pool job); writes ``run_dir/metrics.json``."""
+    from xcryonet.train import train
+
+    squares_dir, labels_csv, run_dir, cfg, model_cfg, variant, supervision, n, unlabeled = args
+    train(
+        squares_dir,
+        labels_csv,
+        run_dir,
+        cfg,
+        model_cfg=model_cfg,
+        variant=variant,
+        supervision=supervision,
+        labeled=n,
+        unlabeled=unlabeled if supervision == "ss" else None,
+    )
+
+
+def _baseline_rows(
+    squares_dir: Path,
+    table: pd.DataFrame,
+    y_all: np.ndarray,
+    plan: ExperimentPlan,
+    test_fraction: float,
+) -> list[dict[str, Any]]:
+    """Fit and score every baseline of ``plan`` on every (repeat, label count) split."""
+    from xcryonet.baselines import build_baseline
+    from xcryonet.train import split_rows
+
+    crops, masks = _raw_crops(squares_dir, table)
+    rows: list[dict[str, Any]] = []
+    for r in range(plan.repeats):
+        for n in plan.label_counts:
+            lab, _, test = split_rows(
+                table, supervision="fs", labeled=n, unlabeled=0, test_fraction=test_fraction, seed=r
+            )
+            for name in plan.baselines:
+                t0 = time.perf_counter()
+                model = build_baseline(name, round_scores=False).fit(
+                    [crops[i] for i in lab], [masks[i] for i in lab], y_all[lab]
+                )
+                raw = model.predict([crops[i] for i in test], [masks[i] for i in test])
+                pred = np.rint(raw) if plan.round_scores else raw
+                err, err_raw = np.abs(pred - y_all[test]), np.abs(raw - y_all[test])
+                rows.append(
+                    {
+                        "method": name,
+                        "labeled": n,
+                        "repeat": r,
+                        "n_test": len(test),
+                        "seconds": round(time.perf_counter() - t0, 2),
+                        **{s: float(np.nanmean(err[:, k])) for k, s in enumerate(SCORE_NAMES)},
+                        **{
+                            f"{s}_raw": float(np.nanmean(err_raw[:, k]))
+                            for k, s in enumerate(SCORE_NAMES)
+                        },
+                    }
+                )
+    return rows
+
+
 def run_experiment(
     squares_dir: Path,
     labels_csv: Path,
     out_dir: Path,
     params: Params,
     plan: ExperimentPlan = FULL,
+    workers: int = 1,
 ) -> pd.DataFrame:
     """Run every method of ``plan``; write results.csv, summary.csv and results.md in ``out_dir``.
 
-    Returns the long table: one row per (method, labeled, repeat) with the MAE of each score.
+    ``workers`` > 1 trains that many runs at once in separate processes, each with
+    ``cpu_count // workers`` torch threads (unless ``train.threads`` is set); a run's result
+    does not depend on the worker that ran it. Returns the long table: one row per
+    (method, labeled, repeat) with the MAE of each score.
     """
-    from xcryonet.baselines import build_baseline
-    from xcryonet.train import read_table, split_rows, train
+    from xcryonet.train import read_table
+
+    if workers < 1:
+        raise InputError("workers", f"must be at least 1, got {workers}")
 
     table = read_table(squares_dir, labels_csv)
     y_all = table[[f"label_{s}" for s in SCORE_NAMES]].to_numpy(float)
@@ -118,75 +191,56 @@ def run_experiment(
             f"{max(plan.label_counts)} labelled training squares wanted, only about {n_pool} "
             "are left after the test split",
         )
-    crops, masks = _raw_crops(squares_dir, table)
-    jobs = [
-        (r, n, v, s)
+    runs = [
+        (out_dir / "runs" / f"{v}-{s}-{n}-r{r}", replace(train_cfg, seed=r), v, s, n)
         for r in range(plan.repeats)
         for n in plan.label_counts
         for v in plan.variants
         for s in plan.supervisions
     ]
-    rows: list[dict[str, Any]] = []
-    bar = tqdm(total=len(jobs) + plan.repeats * len(plan.label_counts), desc="experiment")
-    for r in range(plan.repeats):
-        cfg_r = replace(train_cfg, seed=r)
-        for n in plan.label_counts:
-            lab, _, test = split_rows(
-                table,
-                supervision="fs",
-                labeled=n,
-                unlabeled=0,
-                test_fraction=cfg_r.test_fraction,
-                seed=r,
-                path=labels_csv,
-            )
-            for name in plan.baselines:
-                t0 = time.perf_counter()
-                model = build_baseline(name).fit(
-                    [crops[i] for i in lab], [masks[i] for i in lab], y_all[lab]
-                )
-                pred = model.predict([crops[i] for i in test], [masks[i] for i in test])
-                err = np.abs(pred - y_all[test])
-                rows.append(
-                    {
-                        "method": name,
-                        "labeled": n,
-                        "repeat": r,
-                        "n_test": len(test),
-                        "seconds": round(time.perf_counter() - t0, 2),
-                        **{s: float(np.nanmean(err[:, k])) for k, s in enumerate(SCORE_NAMES)},
-                    }
-                )
-            bar.update()
-            for v in plan.variants:
-                for s in plan.supervisions:
-                    run_dir = out_dir / "runs" / f"{v}-{s}-{n}-r{r}"
-                    done = run_dir / "metrics.json"
-                    if done.exists():
-                        metrics = json.loads(done.read_text())
-                    else:
-                        metrics = train(
-                            squares_dir,
-                            labels_csv,
-                            run_dir,
-                            cfg_r,
-                            model_cfg=model_cfg,
-                            variant=v,
-                            supervision=s,
-                            labeled=n,
-                            unlabeled=plan.unlabeled if s == "ss" else None,
-                        )
-                    rows.append(
-                        {
-                            "method": method_name(v, s),
-                            "labeled": n,
-                            "repeat": r,
-                            "n_test": metrics["test"],
-                            "seconds": metrics.get("train_seconds"),
-                            **{k: metrics["test_mae"][k] for k in SCORE_NAMES},
-                        }
-                    )
-                    bar.update()
+    todo = [job for job in runs if not (job[0] / "metrics.json").exists()]
+    # Longest first (SS before FS, more labels first), so parallel workers finish together.
+    todo.sort(key=lambda job: (job[3] != "ss", job[2] != "xcryonet", -job[4]))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    args = [
+        (squares_dir, labels_csv, d, replace(c, threads=c.threads or threads), model_cfg, v, s, n)
+        + (plan.unlabeled,)
+        for d, c, v, s, n in todo
+    ]
+    bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="experiment runs")
+    pool = None
+    if workers > 1 and len(args) > 1:
+        # The CNN runs start first; the baselines run here meanwhile (they take a minute or two).
+        ctx = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        futures = [pool.submit(_train_job, a) for a in args]
+    try:
+        rows = _baseline_rows(squares_dir, table, y_all, plan, train_cfg.test_fraction)
+        if pool is not None:
+            for fut in as_completed(futures):
+                fut.result()
+                bar.update()
+        else:
+            for a in args:
+                _train_job(a)
+                bar.update()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    for run_dir, _, v, s, n in runs:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        mae = metrics["test_mae_rounded"] if plan.round_scores else metrics["test_mae"]
+        rows.append(
+            {
+                "method": method_name(v, s),
+                "labeled": n,
+                "repeat": int(run_dir.name.rsplit("-r", 1)[1]),
+                "n_test": metrics["test"],
+                "seconds": metrics.get("train_seconds"),
+                **{k: mae[k] for k in SCORE_NAMES},
+                **{f"{k}_raw": metrics["test_mae"][k] for k in SCORE_NAMES},
+            }
+        )
     bar.close()
     results = pd.DataFrame(rows)
     summary = summarize(results)

@@ -120,7 +120,12 @@ class Classifier(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Two transposed convolutions and one convolution: features -> (B, 1, H, W) image."""
+    """Two transposed convolutions and one convolution: features -> (B, 1, H, W) image.
+
+    The convolution runs at the transposed convolutions' output size and only its one-channel
+    result is resized to the input size: a 3x3 convolution over 8 channels at 128 x 128 costs
+    about 8x as much on a CPU as at 64 x 64 (oneDNN), for a picture that is smooth anyway.
+    """
 
     def __init__(self, cfg: ModelConfig, c_in: int):
         super().__init__()
@@ -130,12 +135,12 @@ class Decoder(nn.Module):
         self.out = nn.Conv2d(w, 1, 3, 1, 1)
 
     def forward(self, feat: Tensor, size: tuple[int, int]) -> Tensor:
-        y = F.relu(self.up2(F.relu(self.up1(F.relu(feat)))))
+        y = self.out(F.relu(self.up2(F.relu(self.up1(F.relu(feat))))))
         if y.shape[-2:] != size:
             # The stem stride (and sizes that are not multiples of 4s) leave the transposed
             # convolutions short of the input size; bilinear resampling makes up the rest.
             y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-        return self.out(y)
+        return y
 
 
 class Attention(nn.Module):

@@ -14,6 +14,7 @@ killed at any point and resumed ends with the same weights and metrics as an uni
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -132,8 +133,14 @@ _ATTR_CLASSIFIERS = tuple(f"{a}.classifier" for a in ATTRIBUTE_BRANCHES)
 _ATTR_DECODERS = tuple(f"{a}.decoder" for a in ATTRIBUTE_BRANCHES)
 
 
-def phases_for(variant: str, lr: float = 1e-3) -> tuple[PhaseConfig, ...]:
-    """The training phases of a variant, in the order they run each epoch."""
+def phases_for(variant: str, lr: float = 1e-3, fusion_passes: int = 1) -> tuple[PhaseConfig, ...]:
+    """The training phases of a variant, in the order they run each epoch.
+
+    ``fusion_passes``: passes of the fusion phase per epoch (it sees only labelled squares, so
+    one pass is a handful of steps).
+    """
+    if fusion_passes < 1:
+        raise InputError("fusion_passes", f"must be at least 1, got {fusion_passes}")
     if variant == "primary":
         return (
             PhaseConfig("primary", _PRIMARY, ("primary_supervised", "primary_reconstruction"), lr),
@@ -155,9 +162,14 @@ def phases_for(variant: str, lr: float = 1e-3) -> tuple[PhaseConfig, ...]:
                 lr,
             ),
             # (3) Fusion only, on the fusion (supervised) loss.
-            PhaseConfig("fusion", ("fusion",), ("fusion_supervised",), lr),
+            PhaseConfig("fusion", ("fusion",), ("fusion_supervised",), lr, fusion_passes),
         )
     raise InputError("variant", f"unknown model {variant!r} (choose from {', '.join(MODELS)})")
+
+
+def fusion_passes(cfg: TrainConfig, n_labelled: int) -> int:
+    """Passes of the fusion phase per epoch: ``ceil(cfg.fusion_squares / n_labelled)``, >= 1."""
+    return max(1, math.ceil(cfg.fusion_squares / max(n_labelled, 1)))
 
 
 def phase_loss(
@@ -344,9 +356,82 @@ def autocast(device: torch.device, amp: str) -> AbstractContextManager[Any]:
     return nullcontext()
 
 
+def epoch_lr(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate of epoch ``epoch`` (0-based) under ``cfg.lr_schedule``."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "cosine":
+        floor = 0.05
+        t = epoch / max(cfg.epochs, 1)
+        return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+    raise InputError("lr_schedule", f"must be cosine or constant, got {cfg.lr_schedule!r}")
+
+
 def phase_is_supervised_only(phase: PhaseConfig) -> bool:
     """True when every loss of ``phase`` needs labels (it learns nothing from unlabelled rows)."""
     return all(name.endswith("_supervised") for name in phase.losses)
+
+
+def phase_mixes(phase: PhaseConfig) -> bool:
+    """True when ``phase`` has both supervised and label-free losses."""
+    sup = [name.endswith("_supervised") for name in phase.losses]
+    return any(sup) and not all(sup)
+
+
+def _mixed_layout(n_lab: int, n_unl: int, batch_size: int, fraction: float) -> tuple[int, int]:
+    """(labelled rows per batch, batches per pass) of a mixed pass; (0, 0) = plain shuffle.
+
+    Labelled rows per batch: at least ``fraction`` of the batch, never below their natural share.
+    """
+    if fraction <= 0 or n_lab == 0 or n_unl == 0 or n_lab + n_unl <= batch_size:
+        return 0, 0
+    share = math.ceil(batch_size * n_lab / (n_lab + n_unl))
+    n_l = min(max(int(round(fraction * batch_size)), share, 1), batch_size - 1)
+    return n_l, max(-(-n_unl // (batch_size - n_l)), -(-n_lab // n_l))
+
+
+def phase_batches(
+    labelled: np.ndarray,
+    unlabelled: np.ndarray,
+    batch_size: int,
+    labelled_fraction: float,
+    gen: torch.Generator,
+) -> list[Tensor]:
+    """Row indices of one pass, batch by batch.
+
+    With ``labelled_fraction`` f > 0 and both kinds of rows present, each batch holds a fixed
+    number of labelled rows, at least ``f * batch_size`` and at least their natural share, and
+    the rest unlabelled. The pass ends when every row of both kinds has been seen; the kind that
+    runs out first is reshuffled and cycled. Otherwise: one plain shuffle of all rows.
+    """
+    n_l, n_batches = _mixed_layout(len(labelled), len(unlabelled), batch_size, labelled_fraction)
+    if n_batches == 0:
+        rows = torch.as_tensor(np.concatenate([labelled, unlabelled]).astype(np.int64))
+        order = rows[torch.randperm(len(rows), generator=gen)]
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    n_u = batch_size - n_l
+
+    def cycled(rows: np.ndarray, n: int) -> Tensor:
+        t = torch.as_tensor(rows.astype(np.int64))
+        reps = -(-n // len(t))
+        return torch.cat([t[torch.randperm(len(t), generator=gen)] for _ in range(reps)])[:n]
+
+    lab = cycled(labelled, n_batches * n_l)
+    unl = cycled(unlabelled, n_batches * n_u)
+    return [
+        torch.cat([lab[b * n_l : (b + 1) * n_l], unl[b * n_u : (b + 1) * n_u]])
+        for b in range(n_batches)
+    ]
+
+
+def phase_size(phase: PhaseConfig, n_labelled: int, n_total: int, cfg: TrainConfig) -> int:
+    """Squares one epoch of ``phase`` processes (for progress bars and benchmarks)."""
+    n_unl = n_total - n_labelled
+    if phase_is_supervised_only(phase):
+        return n_labelled * phase.epochs
+    fraction = cfg.labelled_fraction if phase_mixes(phase) else 0.0
+    _, n_batches = _mixed_layout(n_labelled, n_unl, cfg.batch_size, fraction)
+    return (n_batches * cfg.batch_size if n_batches else n_total) * phase.epochs
 
 
 def run_phase(
@@ -363,18 +448,20 @@ def run_phase(
 
     A phase whose losses are all supervised (fusion) runs over the labelled squares only:
     unlabelled ones would give it zero loss, and Adam's momentum would still move the weights
-    on a batch without labels.
+    on a batch without labels. A phase that mixes supervised and reconstruction losses draws
+    ``cfg.labelled_fraction`` of each batch from the labelled squares (:func:`phase_batches`).
     """
+    is_labelled = (~torch.isnan(data.y)).any(dim=1).numpy()
+    labelled, unlabelled = np.flatnonzero(is_labelled), np.flatnonzero(~is_labelled)
     if phase_is_supervised_only(phase):
-        data = data.subset(np.flatnonzero((~torch.isnan(data.y)).any(dim=1).numpy()))
+        unlabelled = unlabelled[:0]
+    fraction = cfg.labelled_fraction if phase_mixes(phase) else 0.0
     set_trainable(model, phase.trainable)
     model.train()
     sums: dict[str, float] = {}
     n = 0
     for _ in range(phase.epochs):
-        order = torch.randperm(len(data), generator=gen)
-        for start in range(0, len(data), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
+        for idx in phase_batches(labelled, unlabelled, cfg.batch_size, fraction, gen):
             x = data.x[idx].float()
             x = augment(x, gen, flips=cfg.augment, noise=cfg.noise)
             x, y = x.to(device), data.y[idx].to(device)
@@ -417,9 +504,16 @@ def predict(model: XCryoNet, crops: Sequence[np.ndarray] | np.ndarray) -> np.nda
     return predict_tensor(model, torch.cat(x)).numpy()
 
 
-def evaluate(model: XCryoNet, data: SquareSet) -> dict[str, float | None]:
-    """Mean absolute error per score over the labelled entries (None where there are none)."""
+def evaluate(
+    model: XCryoNet, data: SquareSet, round_scores: bool = False
+) -> dict[str, float | None]:
+    """Mean absolute error per score over the labelled entries (None where there are none).
+
+    ``round_scores``: score the predictions rounded to whole scores, as operators label.
+    """
     pred = predict_tensor(model, data.x)
+    if round_scores:
+        pred = pred.round()
     out: dict[str, float | None] = {}
     for k, name in enumerate(SCORE_NAMES):
         mask = ~torch.isnan(data.y[:, k])
@@ -491,9 +585,9 @@ def train(
     cfg = cfg or TrainConfig()
     model_cfg = model_cfg or ModelConfig()
     out_dir = Path(out_dir)
-    phases = phases_for(variant, cfg.lr)
     device = resolve_device(cfg.device)
     autocast(device, cfg.amp)  # validates cfg.amp before any work
+    epoch_lr(cfg, 0)  # and cfg.lr_schedule
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
 
@@ -507,6 +601,7 @@ def train(
         seed=cfg.seed,
         path=labels_csv,
     )
+    phases = phases_for(variant, cfg.lr, fusion_passes(cfg, len(lab)))
     rows = np.concatenate([lab, unl])
     train_set = load_squares_set(
         squares_dir, table.iloc[rows], model_cfg, np.arange(len(rows)) < len(lab)
@@ -544,11 +639,11 @@ def train(
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         n_labelled = int((~torch.isnan(train_set.y)).any(dim=1).sum())
-        total = sum(
-            (n_labelled if phase_is_supervised_only(p) else len(train_set)) * p.epochs
-            for p in phases
-        )
+        total = sum(phase_size(p, n_labelled, len(train_set), cfg) for p in phases)
         desc = f"epoch {epoch + 1}/{cfg.epochs}"
+        for opt in optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = epoch_lr(cfg, epoch)
         with tqdm(total=total, desc=desc, unit="sq", disable=not cfg.progress, leave=False) as bar:
             losses = {
                 ph.name: run_phase(
@@ -586,6 +681,7 @@ def train(
         "test": len(test),
         "epochs": cfg.epochs,
         "test_mae": evaluate(model, test_set) if len(test) else {},
+        "test_mae_rounded": evaluate(model, test_set, round_scores=True) if len(test) else {},
         "final_losses": history[-1] if history else {},
         "train_seconds": round(seconds, 2),
     }
