@@ -92,12 +92,16 @@ class ModelConfig:
 
     Attributes:
         width: channels after the stem; the feature net outputs ``2 * width`` channels, split
-            in half between the cracking and contamination attention. 8 trains a 1600-square
-            epoch at 128 px in about 18 s on 2 CPU cores (16: about 35 s).
+            in half between the cracking and contamination attention.
         hidden: units of the hidden fully connected layers.
         stem_stride: stride of the first convolution; each ResBlock halves again, so feature
-            maps are ``input_px / (4 * stem_stride)`` px. 2 at 128 px keeps 16 x 16 maps.
-        input_px: side every square is resampled to before the model sees it.
+            maps are ``input_px / (4 * stem_stride)`` px (8 x 8 at 64 px, 16 x 16 at 128 px).
+        input_px: side every square is resampled to before the model sees it. The CPU default,
+            64, was chosen by ``bench/train.py``: a 1600-square XCryoNet-SS epoch is about 3x
+            cheaper than at 128 px, and hand-crafted features lose little at 64 px (README,
+            "The experiment"). The paper used 640 px (a GPU setting).
+        input_stats: the classifiers also get the square's global intensity statistics
+            (``xcryonet.model.input_stats``); GroupNorm alone hides the absolute level.
         norm_mean, norm_std: fixed affine normalisation of the relative transmission
             (0 = bars, 1 = vacuum). Fixed rather than per-square statistics so that brightness,
             which is the mean intensity, stays visible to the model.
@@ -109,6 +113,7 @@ class ModelConfig:
     input_px: int = 64
     norm_mean: float = 0.5
     norm_std: float = 0.3
+    input_stats: bool = True
 
     def __post_init__(self) -> None:
         for name in ("width", "hidden", "stem_stride", "input_px"):
@@ -148,7 +153,7 @@ class TrainConfig:
 
     epochs: int = 30
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 3e-3
     seed: int = 0
     test_fraction: float = 0.15
     augment: bool = True

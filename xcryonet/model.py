@@ -87,18 +87,34 @@ class FeatureNet(nn.Module):
         return self.block2(self.block1(self.stem(x)))
 
 
+N_INPUT_STATS = 5
+
+
+def input_stats(x: Tensor) -> Tensor:
+    """Global intensity statistics of (B, 1, H, W) inputs -> (B, 5): mean, s.d., quartiles, p90.
+
+    GroupNorm normalises every square on its own, which removes its absolute intensity level
+    from the features; brightness (an open-area mean) and overall depend on exactly that, so
+    the classifiers get it directly.
+    """
+    flat = x.float().flatten(1)
+    q = torch.quantile(flat, torch.tensor([0.25, 0.5, 0.9], device=x.device), dim=1).T
+    return torch.cat([flat.mean(1, keepdim=True), flat.std(1, keepdim=True), q], dim=1)
+
+
 class Classifier(nn.Module):
     """Pooling, two FC layers regressing the attributes, two FC layers regressing overall.
 
     Overall is computed *from the predicted attributes* (paper: "enforce the dependency of the
     overall score on the fine-grained attributes"). Returns (B, n_attributes [+1 if overall]).
+    ``n_stats`` extra inputs (``input_stats``) join the pooled features when given.
     """
 
-    def __init__(self, c_in: int, n_attributes: int, hidden: int, overall: bool):
+    def __init__(self, c_in: int, n_attributes: int, hidden: int, overall: bool, n_stats: int = 0):
         super().__init__()
         # Average and max pooling: average sees global brightness, max sees small defects.
         self.attributes = nn.Sequential(
-            nn.Linear(2 * c_in, hidden), nn.ReLU(), nn.Linear(hidden, n_attributes)
+            nn.Linear(2 * c_in + n_stats, hidden), nn.ReLU(), nn.Linear(hidden, n_attributes)
         )
         self.overall = (
             nn.Sequential(nn.Linear(n_attributes, hidden), nn.ReLU(), nn.Linear(hidden, 1))
@@ -110,9 +126,12 @@ class Classifier(nn.Module):
             if head is not None:
                 nn.init.constant_(head[-1].bias, 2.0)  # type: ignore[arg-type]
 
-    def forward(self, feat: Tensor) -> Tensor:
+    def forward(self, feat: Tensor, stats: Tensor | None = None) -> Tensor:
         f = F.relu(feat)
-        pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
+        parts = [f.mean(dim=(2, 3)), f.amax(dim=(2, 3))]
+        if stats is not None:
+            parts.append(stats.to(f.dtype))
+        pooled = torch.cat(parts, dim=1)
         attrs = self.attributes(pooled)
         if self.overall is None:
             return attrs
@@ -171,12 +190,15 @@ class Branch(nn.Module):
         super().__init__()
         self.features = FeatureNet(cfg)
         c = self.features.out_channels
-        self.classifier = Classifier(c, n_attributes, cfg.hidden, overall)
+        self.use_stats = cfg.input_stats
+        n_stats = N_INPUT_STATS if cfg.input_stats else 0
+        self.classifier = Classifier(c, n_attributes, cfg.hidden, overall, n_stats)
         self.decoder = Decoder(cfg, c)
 
     def forward(self, x: Tensor, reconstruct: bool = True) -> dict[str, Tensor]:
         feat = self.features(x)
-        out = {"features": feat, "scores": self.classifier(feat)}
+        stats = input_stats(x) if self.use_stats else None
+        out = {"features": feat, "scores": self.classifier(feat, stats)}
         if reconstruct:
             out["recon"] = self.decoder(feat, (x.shape[-2], x.shape[-1]))
         return out
@@ -190,10 +212,11 @@ class Fusion(nn.Module):
         self.mix = nn.Sequential(
             nn.Conv2d(n_branches * c_in, c_in, 3, 1, 1, bias=False), _norm(c_in), nn.ReLU()
         )
-        self.classifier = Classifier(c_in, N_ATTRIBUTES, cfg.hidden, overall=True)
+        n_stats = N_INPUT_STATS if cfg.input_stats else 0
+        self.classifier = Classifier(c_in, N_ATTRIBUTES, cfg.hidden, True, n_stats)
 
-    def forward(self, feats: list[Tensor]) -> Tensor:
-        return self.classifier(self.mix(torch.cat(feats, dim=1)))
+    def forward(self, feats: list[Tensor], stats: Tensor | None = None) -> Tensor:
+        return self.classifier(self.mix(torch.cat(feats, dim=1)), stats)
 
 
 class XCryoNet(nn.Module):
@@ -243,7 +266,7 @@ class XCryoNet(nn.Module):
             if "recon" in b:
                 out[f"recon_{name}"] = b["recon"]
             feats.append(b["features"])
-        out["scores"] = self.fusion(feats)
+        out["scores"] = self.fusion(feats, input_stats(x) if self.cfg.input_stats else None)
         return out
 
 
