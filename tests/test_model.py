@@ -1,5 +1,6 @@
 """The XCryoNet variants: forward, backward, shapes, attention and parameter groups."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,3 +91,26 @@ def test_initial_scores_start_mid_scale():
     with torch.no_grad():
         scores = model(torch.zeros(2, 1, 32, 32), reconstruct=())["scores"]
     assert ((scores > 0) & (scores < 4)).all()
+
+
+def test_input_stats_carry_the_absolute_intensity_level():
+    from xcryonet.model import input_stats
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand((3, 1, 16, 16), generator=gen)
+    stats = input_stats(x).numpy()
+    flat = x.flatten(1).numpy()
+    np.testing.assert_allclose(stats[:, 0], flat.mean(1), rtol=1e-5)
+    np.testing.assert_allclose(stats[:, 1], flat.std(1, ddof=1), rtol=1e-4)
+    np.testing.assert_allclose(stats[:, 2:], np.quantile(flat, [0.25, 0.5, 0.9], axis=1).T, 1e-5)
+    # A brighter copy of the same square: GroupNorm features barely move, the statistics do.
+    shifted = input_stats(x + 0.5).numpy()
+    np.testing.assert_allclose(shifted[:, [0, 2, 3, 4]] - stats[:, [0, 2, 3, 4]], 0.5, atol=1e-5)
+
+
+def test_classifiers_take_the_statistics_only_when_configured():
+    with_stats = build_model("xcryonet", **TINY)
+    without = build_model("xcryonet", **TINY, input_stats=False)
+    first = with_stats.primary.classifier.attributes[0]
+    assert first.in_features == without.primary.classifier.attributes[0].in_features + 5
+    assert with_stats.fusion.classifier.attributes[0].in_features == first.in_features

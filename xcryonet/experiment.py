@@ -117,10 +117,18 @@ def _baseline_rows(
     test_fraction: float,
 ) -> list[dict[str, Any]]:
     """Fit and score every baseline of ``plan`` on every (repeat, label count) split."""
-    from xcryonet.baselines import build_baseline
+    from xcryonet.baselines import FeaturesGBM, build_baseline, square_features
     from xcryonet.train import split_rows
 
     crops, masks = _raw_crops(squares_dir, table)
+    features: np.ndarray | None = None
+    if "features_gbm" in plan.baselines:
+        # The features of a square do not depend on the split: compute them once, for the
+        # labelled squares (every split's train and test rows are among them).
+        labelled = np.flatnonzero(table["labelled"].to_numpy())
+        x, _ = square_features([crops[i] for i in labelled], [masks[i] for i in labelled])
+        features = np.full((len(table), x.shape[1]), np.nan)
+        features[labelled] = x
     rows: list[dict[str, Any]] = []
     for r in range(plan.repeats):
         for n in plan.label_counts:
@@ -129,10 +137,14 @@ def _baseline_rows(
             )
             for name in plan.baselines:
                 t0 = time.perf_counter()
-                model = build_baseline(name, round_scores=False).fit(
-                    [crops[i] for i in lab], [masks[i] for i in lab], y_all[lab]
-                )
-                raw = model.predict([crops[i] for i in test], [masks[i] for i in test])
+                model = build_baseline(name, round_scores=False)
+                if isinstance(model, FeaturesGBM) and features is not None:
+                    raw = model.fit_features(features[lab], y_all[lab]).predict_features(
+                        features[test]
+                    )
+                else:
+                    model.fit([crops[i] for i in lab], [masks[i] for i in lab], y_all[lab])
+                    raw = model.predict([crops[i] for i in test], [masks[i] for i in test])
                 pred = np.rint(raw) if plan.round_scores else raw
                 err, err_raw = np.abs(pred - y_all[test]), np.abs(raw - y_all[test])
                 rows.append(
