@@ -114,3 +114,14 @@ def test_classifiers_take_the_statistics_only_when_configured():
     first = with_stats.primary.classifier.attributes[0]
     assert first.in_features == without.primary.classifier.attributes[0].in_features + 5
     assert with_stats.fusion.classifier.attributes[0].in_features == first.in_features
+
+
+@pytest.mark.parametrize("overall_grad", [True, False])
+def test_overall_loss_reaches_the_attribute_head_only_when_configured(overall_grad):
+    torch.manual_seed(0)
+    model = build_model("primary", **TINY, overall_grad=overall_grad)
+    scores = model(torch.randn(4, 1, 32, 32), reconstruct=())["scores"]
+    scores[:, 4].sum().backward()  # a loss on overall alone
+    head = model.primary.classifier.attributes[-1].weight.grad
+    assert head is not None and (head.abs().sum() > 0) == overall_grad
+    assert model.primary.classifier.overall[-1].weight.grad.abs().sum() > 0

@@ -102,6 +102,9 @@ class ModelConfig:
             "The experiment"). The paper used 640 px (a GPU setting).
         input_stats: the classifiers also get the square's global intensity statistics
             (``xcryonet.model.input_stats``); GroupNorm alone hides the absolute level.
+        overall_grad: the overall loss back-propagates through the predicted attributes that
+            overall is regressed from (the paper's reading); false detaches them, so each
+            attribute output answers only to its own label.
         norm_mean, norm_std: fixed affine normalisation of the relative transmission
             (0 = bars, 1 = vacuum). Fixed rather than per-square statistics so that brightness,
             which is the mean intensity, stays visible to the model.
@@ -114,6 +117,7 @@ class ModelConfig:
     norm_mean: float = 0.5
     norm_std: float = 0.3
     input_stats: bool = True
+    overall_grad: bool = True
 
     def __post_init__(self) -> None:
         for name in ("width", "hidden", "stem_stride", "input_px"):

@@ -119,8 +119,17 @@ class Classifier(nn.Module):
     ``n_stats`` extra inputs (``input_stats``) join the pooled features when given.
     """
 
-    def __init__(self, c_in: int, n_attributes: int, hidden: int, overall: bool, n_stats: int = 0):
+    def __init__(
+        self,
+        c_in: int,
+        n_attributes: int,
+        hidden: int,
+        overall: bool,
+        n_stats: int = 0,
+        overall_grad: bool = True,
+    ):
         super().__init__()
+        self.overall_grad = overall_grad
         # Average and max pooling: average sees global brightness, max sees small defects.
         self.attributes = nn.Sequential(
             nn.Linear(2 * c_in + n_stats, hidden), nn.ReLU(), nn.Linear(hidden, n_attributes)
@@ -144,7 +153,9 @@ class Classifier(nn.Module):
         attrs = self.attributes(pooled)
         if self.overall is None:
             return attrs
-        return torch.cat([attrs, self.overall(attrs)], dim=1)
+        # overall_grad=False: the overall loss no longer bends the attribute outputs into
+        # features for overall (measured: it wipes out contamination; docs/experiment.md).
+        return torch.cat([attrs, self.overall(attrs if self.overall_grad else attrs.detach())], 1)
 
 
 class Decoder(nn.Module):
@@ -201,7 +212,9 @@ class Branch(nn.Module):
         c = self.features.out_channels
         self.use_stats = cfg.input_stats
         n_stats = N_INPUT_STATS if cfg.input_stats else 0
-        self.classifier = Classifier(c, n_attributes, cfg.hidden, overall, n_stats)
+        self.classifier = Classifier(
+            c, n_attributes, cfg.hidden, overall, n_stats, cfg.overall_grad
+        )
         self.decoder = Decoder(cfg, c)
 
     def forward(self, x: Tensor, reconstruct: bool = True) -> dict[str, Tensor]:
@@ -224,7 +237,9 @@ class Fusion(nn.Module):
             nn.Conv2d(n_branches * c_in, c_in, 3, 1, 1, bias=False), _norm(c_in), nn.ReLU()
         )
         n_stats = N_INPUT_STATS if cfg.input_stats else 0
-        self.classifier = Classifier(c_in, N_ATTRIBUTES, cfg.hidden, True, n_stats)
+        self.classifier = Classifier(
+            c_in, N_ATTRIBUTES, cfg.hidden, True, n_stats, cfg.overall_grad
+        )
 
     def forward(self, feats: list[Tensor], stats: Tensor | None = None) -> Tensor:
         return self.classifier(self.mix(torch.cat(feats, dim=1)), stats)
