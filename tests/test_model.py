@@ -125,3 +125,15 @@ def test_overall_loss_reaches_the_attribute_head_only_when_configured(overall_gr
     head = model.primary.classifier.attributes[-1].weight.grad
     assert head is not None and (head.abs().sum() > 0) == overall_grad
     assert model.primary.classifier.overall[-1].weight.grad.abs().sum() > 0
+
+
+def test_overall_head_sees_the_pooled_features_when_configured():
+    plain = build_model("xcryonet", **TINY)
+    wide = build_model("xcryonet", **TINY, overall_features=True)
+    for m in (plain, wide):
+        with torch.no_grad():
+            assert m(torch.randn(2, 1, 32, 32), reconstruct=())["scores"].shape == (2, 5)
+    n_pooled = plain.primary.classifier.attributes[0].in_features
+    assert wide.primary.classifier.overall[0].in_features == 4 + n_pooled
+    assert plain.primary.classifier.overall[0].in_features == 4
+    assert wide.fusion.classifier.overall[0].in_features == 4 + n_pooled

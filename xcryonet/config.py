@@ -105,6 +105,8 @@ class ModelConfig:
         overall_grad: the overall loss back-propagates through the predicted attributes that
             overall is regressed from (the paper's reading); false detaches them, so each
             attribute output answers only to its own label.
+        overall_features: the overall head also sees the pooled features (and statistics),
+            not only the four attributes.
         norm_mean, norm_std: fixed affine normalisation of the relative transmission
             (0 = bars, 1 = vacuum). Fixed rather than per-square statistics so that brightness,
             which is the mean intensity, stays visible to the model.
@@ -118,6 +120,7 @@ class ModelConfig:
     norm_std: float = 0.3
     input_stats: bool = True
     overall_grad: bool = True
+    overall_features: bool = False
 
     def __post_init__(self) -> None:
         for name in ("width", "hidden", "stem_stride", "input_px"):

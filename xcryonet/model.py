@@ -127,15 +127,18 @@ class Classifier(nn.Module):
         overall: bool,
         n_stats: int = 0,
         overall_grad: bool = True,
+        overall_features: bool = False,
     ):
         super().__init__()
         self.overall_grad = overall_grad
+        self.overall_features = overall_features
+        n_overall_in = n_attributes + (2 * c_in + n_stats if overall_features else 0)
         # Average and max pooling: average sees global brightness, max sees small defects.
         self.attributes = nn.Sequential(
             nn.Linear(2 * c_in + n_stats, hidden), nn.ReLU(), nn.Linear(hidden, n_attributes)
         )
         self.overall = (
-            nn.Sequential(nn.Linear(n_attributes, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+            nn.Sequential(nn.Linear(n_overall_in, hidden), nn.ReLU(), nn.Linear(hidden, 1))
             if overall
             else None
         )
@@ -155,7 +158,10 @@ class Classifier(nn.Module):
             return attrs
         # overall_grad=False: the overall loss no longer bends the attribute outputs into
         # features for overall (measured: it wipes out contamination; docs/experiment.md).
-        return torch.cat([attrs, self.overall(attrs if self.overall_grad else attrs.detach())], 1)
+        head_in = attrs if self.overall_grad else attrs.detach()
+        if self.overall_features:
+            head_in = torch.cat([head_in, pooled], dim=1)
+        return torch.cat([attrs, self.overall(head_in)], dim=1)
 
 
 class Decoder(nn.Module):
@@ -213,7 +219,7 @@ class Branch(nn.Module):
         self.use_stats = cfg.input_stats
         n_stats = N_INPUT_STATS if cfg.input_stats else 0
         self.classifier = Classifier(
-            c, n_attributes, cfg.hidden, overall, n_stats, cfg.overall_grad
+            c, n_attributes, cfg.hidden, overall, n_stats, cfg.overall_grad, cfg.overall_features
         )
         self.decoder = Decoder(cfg, c)
 
@@ -238,7 +244,7 @@ class Fusion(nn.Module):
         )
         n_stats = N_INPUT_STATS if cfg.input_stats else 0
         self.classifier = Classifier(
-            c_in, N_ATTRIBUTES, cfg.hidden, True, n_stats, cfg.overall_grad
+            c_in, N_ATTRIBUTES, cfg.hidden, True, n_stats, cfg.overall_grad, cfg.overall_features
         )
 
     def forward(self, feats: list[Tensor], stats: Tensor | None = None) -> Tensor:
