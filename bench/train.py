@@ -16,10 +16,10 @@ An epoch's phases see what ``xcryonet.train.train`` gives them (``xcryonet.train
 the primary/attribute phase every unlabelled square once, with a quarter of each batch drawn
 from the labelled squares (``train.labelled_fraction``), about 2016 squares; the attribute
 autoencoder phase all 1600 squares; the fusion phase the 100 labelled squares
-``xcryonet.train.fusion_passes`` times. img/s counts the squares a phase actually processed, and one
-epoch is ``sum(phase_size / img_s)``; the projected run is 75 such epochs (checkpointing, data
-loading and the final evaluation excluded). At 640 px on a CPU only a few batches are
-timed, and the per-image rate is extrapolated to the epoch; the output says so.
+``xcryonet.train.fusion_pass_count`` times. img/s counts the squares a phase actually
+processed, and one epoch is ``sum(phase_size / img_s)``; the projected run is 75 such epochs
+(checkpointing, data loading and the final evaluation excluded). At 640 px on a CPU only a
+few batches are timed, and the per-image rate is extrapolated to the epoch; the output says so.
 
 Knobs: ``--stem-stride``, ``--amp bf16`` (autocast; the CPU has AVX512-BF16), ``--threads``,
 ``--compile`` (``nn.Module.compile``; the compile time is reported apart), ``--channels-last``
@@ -87,7 +87,7 @@ def worker(args: argparse.Namespace) -> dict:
     from xcryonet.model import build_model
     from xcryonet.train import (
         autocast,
-        fusion_passes,
+        fusion_pass_count,
         make_optimizers,
         phase_generator,
         phase_size,
@@ -108,7 +108,7 @@ def worker(args: argparse.Namespace) -> dict:
     model = build_model("xcryonet", mcfg).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    phases = phases_for("xcryonet", cfg.lr, fusion_passes(cfg, LABELED))
+    phases = phases_for("xcryonet", cfg.lr, fusion_pass_count(cfg, LABELED))
     opts = make_optimizers(model, phases)
     if args.compile:
         model.compile()

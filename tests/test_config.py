@@ -68,3 +68,13 @@ def test_config_is_frozen():
     params = Params()
     with pytest.raises(AttributeError):
         params.extract.crop_px = 3  # type: ignore[misc]
+
+
+def test_bad_training_settings_are_clear_errors(tmp_path):
+    for override, word in (
+        ("train.labelled_fraction=1.5", "labelled_fraction"),
+        ("train.fusion_squares=-1", "fusion_squares"),
+        ("train.lr_schedule=step", "lr_schedule"),
+    ):
+        with pytest.raises(InputError, match=word):
+            load_params(None, [override])

@@ -173,6 +173,18 @@ class TrainConfig:
     fusion_squares: int = 400
     lr_schedule: str = "cosine"
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.labelled_fraction < 1:
+            raise InputError(
+                "train", f"labelled_fraction must be in [0, 1), got {self.labelled_fraction}"
+            )
+        if self.fusion_squares < 0:
+            raise InputError("train", f"fusion_squares must be >= 0, got {self.fusion_squares}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise InputError(
+                "train", f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}"
+            )
+
 
 @dataclass(frozen=True)
 class Params:

@@ -215,8 +215,8 @@ def run_experiment(
     todo.sort(key=lambda job: (job[3] != "ss", job[2] != "xcryonet", -job[4]))
     threads = max(1, (os.cpu_count() or 1) // workers)
     args = [
-        (squares_dir, labels_csv, d, replace(c, threads=c.threads or threads), model_cfg, v, s, n)
-        + (plan.unlabeled,)
+        (squares_dir, labels_csv, d, replace(c, threads=c.threads or threads), model_cfg)
+        + (v, s, n, plan.unlabeled)
         for d, c, v, s, n in todo
     ]
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="experiment runs")

@@ -167,7 +167,7 @@ def phases_for(variant: str, lr: float = 1e-3, fusion_passes: int = 1) -> tuple[
     raise InputError("variant", f"unknown model {variant!r} (choose from {', '.join(MODELS)})")
 
 
-def fusion_passes(cfg: TrainConfig, n_labelled: int) -> int:
+def fusion_pass_count(cfg: TrainConfig, n_labelled: int) -> int:
     """Passes of the fusion phase per epoch: ``ceil(cfg.fusion_squares / n_labelled)``, >= 1."""
     return max(1, math.ceil(cfg.fusion_squares / max(n_labelled, 1)))
 
@@ -587,7 +587,6 @@ def train(
     out_dir = Path(out_dir)
     device = resolve_device(cfg.device)
     autocast(device, cfg.amp)  # validates cfg.amp before any work
-    epoch_lr(cfg, 0)  # and cfg.lr_schedule
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
 
@@ -601,7 +600,7 @@ def train(
         seed=cfg.seed,
         path=labels_csv,
     )
-    phases = phases_for(variant, cfg.lr, fusion_passes(cfg, len(lab)))
+    phases = phases_for(variant, cfg.lr, fusion_pass_count(cfg, len(lab)))
     rows = np.concatenate([lab, unl])
     train_set = load_squares_set(
         squares_dir, table.iloc[rows], model_cfg, np.arange(len(rows)) < len(lab)
