@@ -88,3 +88,16 @@ def test_parallel_workers_give_the_same_table(dataset, tmp_path):
     )
     # The table scores rounded predictions; the raw MAE is kept beside it.
     assert {f"{s}_raw" for s in SCORE_NAMES} <= set(serial.columns)
+
+
+def test_cli_runs_a_subset_of_the_protocol(dataset, tmp_path, capsys):
+    from xcryonet.cli import main
+
+    out = tmp_path / "fs"
+    argv = ["experiment", "--squares", str(dataset / "squares"), "--labels"]
+    argv += [str(dataset / "labels.csv"), "--out", str(out), "--quick", "--repeats", "1"]
+    assert main([*argv, "--variants", "primary", "--supervisions", "fs"]) == 0
+    results = pd.read_csv(out / "results.csv")
+    assert set(results["method"]) == {"Primary-FS", *QUICK.baselines}
+    assert [p.name for p in (out / "runs").iterdir()] == ["primary-fs-100-r0"]
+    assert "| Primary-FS | 100 |" in capsys.readouterr().out

@@ -102,18 +102,39 @@ def test_input_stats_carry_the_absolute_intensity_level():
     flat = x.flatten(1).numpy()
     np.testing.assert_allclose(stats[:, 0], flat.mean(1), rtol=1e-5)
     np.testing.assert_allclose(stats[:, 1], flat.std(1, ddof=1), rtol=1e-4)
-    np.testing.assert_allclose(stats[:, 2:], np.quantile(flat, [0.25, 0.5, 0.9], axis=1).T, 1e-5)
+    q05, q25, q50, q90 = np.quantile(flat, [0.05, 0.25, 0.5, 0.9], axis=1)
+    np.testing.assert_allclose(stats[:, 2:5], np.stack([q25, q50, q90], 1), 1e-5)
+    is_open = flat > (q05 + 0.3 * (q90 - q05))[:, None]
+    np.testing.assert_allclose(stats[:, 5], (flat * is_open).sum(1) / is_open.sum(1), 1e-5)
+    np.testing.assert_allclose(stats[:, 6], is_open.mean(1), 1e-6)
     # A brighter copy of the same square: GroupNorm features barely move, the statistics do.
     shifted = input_stats(x + 0.5).numpy()
-    np.testing.assert_allclose(shifted[:, [0, 2, 3, 4]] - stats[:, [0, 2, 3, 4]], 0.5, atol=1e-5)
+    levels = [0, 2, 3, 4, 5]
+    np.testing.assert_allclose(shifted[:, levels] - stats[:, levels], 0.5, atol=1e-5)
+
+
+def test_open_area_statistics_ignore_the_bars():
+    from xcryonet.model import input_stats
+
+    # An opening at transmission 0.8 inside dark bars at 0.05: the crop mean depends on how
+    # much bar the crop holds, the open-area mean does not.
+    for side in (20, 28):
+        x = torch.full((1, 1, 32, 32), 0.05)
+        a = (32 - side) // 2
+        x[..., a : a + side, a : a + side] = 0.8
+        stats = input_stats(x)[0].numpy()
+        assert abs(stats[5] - 0.8) < 1e-6
+        assert abs(stats[6] - side * side / 1024) < 1e-6
+        assert stats[0] < 0.8 - 0.05
 
 
 def test_classifiers_take_the_statistics_only_when_configured():
     with_stats = build_model("xcryonet", **TINY)
     without = build_model("xcryonet", **TINY, input_stats=False)
     first = with_stats.primary.classifier.attributes[0]
-    assert first.in_features == without.primary.classifier.attributes[0].in_features + 5
-    assert with_stats.fusion.classifier.attributes[0].in_features == first.in_features
+    assert first.in_features == without.primary.classifier.attributes[0].in_features + 7
+    fused = with_stats.fusion.classifier.attributes[0].in_features
+    assert fused == without.fusion.classifier.attributes[0].in_features + 7
 
 
 @pytest.mark.parametrize("overall_grad", [True, False])
@@ -128,7 +149,7 @@ def test_overall_loss_reaches_the_attribute_head_only_when_configured(overall_gr
 
 
 def test_overall_head_sees_the_pooled_features_when_configured():
-    plain = build_model("xcryonet", **TINY)
+    plain = build_model("xcryonet", **TINY, overall_features=False)
     wide = build_model("xcryonet", **TINY, overall_features=True)
     for m in (plain, wide):
         with torch.no_grad():
@@ -136,4 +157,24 @@ def test_overall_head_sees_the_pooled_features_when_configured():
     n_pooled = plain.primary.classifier.attributes[0].in_features
     assert wide.primary.classifier.overall[0].in_features == 4 + n_pooled
     assert plain.primary.classifier.overall[0].in_features == 4
-    assert wide.fusion.classifier.overall[0].in_features == 4 + n_pooled
+    n_fused = wide.fusion.classifier.attributes[0].in_features
+    assert wide.fusion.classifier.overall[0].in_features == 4 + n_fused
+
+
+@pytest.mark.parametrize("fusion_mix", [True, False])
+def test_fusion_pools_every_branch_without_the_mixing_convolution(fusion_mix):
+    torch.manual_seed(3)
+    model = build_model("xcryonet", **TINY, fusion_mix=fusion_mix)
+    c = model.primary.features.out_channels
+    n_stats = 7  # input_stats
+    n_in = model.fusion.classifier.attributes[0].in_features
+    assert n_in == 2 * c * (1 if fusion_mix else 3) + n_stats
+    assert any(isinstance(m, torch.nn.Conv2d) for m in model.fusion.modules()) == fusion_mix
+    x = torch.randn(2, 1, 32, 32)
+    out = model(x, reconstruct=())
+    out["scores"].sum().backward()
+    # Without the mix, the fusion scores still depend on every branch's features.
+    for name in ("primary", "cracking", "contamination"):
+        branch = model.primary if name == "primary" else model.branches[name]
+        grad = branch.features.block2.conv2.weight.grad
+        assert grad is not None and grad.abs().sum() > 0, name

@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="random train/test splits (default 4; quick 2)")
     p.add_argument("--labeled", type=int, nargs="+", help="label counts (default 100 500 900)")
     p.add_argument("--workers", type=int, default=1, help="runs trained at once (processes)")
+    p.add_argument("--variants", nargs="+", choices=("primary", "xcryonet"), help="(default: both)")
+    p.add_argument("--supervisions", nargs="+", choices=("fs", "ss"), help="(default: both)")
 
     p = sub.add_parser("inspect", help="print a JSON summary of an atlas")
     p.add_argument("path", help="EPU atlas folder or Atlas.dm, SerialEM montage, or MRC file")
@@ -156,6 +158,10 @@ def _run(args: argparse.Namespace) -> int:
             plan = replace(plan, repeats=args.repeats)
         if args.labeled:
             plan = replace(plan, label_counts=tuple(args.labeled))
+        if args.variants:
+            plan = replace(plan, variants=tuple(dict.fromkeys(args.variants)))
+        if args.supervisions:
+            plan = replace(plan, supervisions=tuple(dict.fromkeys(args.supervisions)))
         results = run_experiment(
             Path(args.squares), Path(args.labels), Path(args.out), params, plan, args.workers
         )

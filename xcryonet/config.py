@@ -107,6 +107,9 @@ class ModelConfig:
             attribute output answers only to its own label.
         overall_features: the overall head also sees the pooled features (and statistics),
             not only the four attributes.
+        fusion_mix: the fusion branch mixes the concatenated branch feature maps with a
+            3x3 convolution before pooling; false pools each branch's maps and concatenates
+            the pooled vectors (fewer parameters to learn from few labels).
         norm_mean, norm_std: fixed affine normalisation of the relative transmission
             (0 = bars, 1 = vacuum). Fixed rather than per-square statistics so that brightness,
             which is the mean intensity, stays visible to the model.
@@ -119,8 +122,9 @@ class ModelConfig:
     norm_mean: float = 0.5
     norm_std: float = 0.3
     input_stats: bool = True
-    overall_grad: bool = True
-    overall_features: bool = False
+    overall_grad: bool = False
+    overall_features: bool = True
+    fusion_mix: bool = False
 
     def __post_init__(self) -> None:
         for name in ("width", "hidden", "stem_stride", "input_px"):

@@ -87,28 +87,47 @@ class FeatureNet(nn.Module):
         return self.block2(self.block1(self.stem(x)))
 
 
-N_INPUT_STATS = 5
+N_INPUT_STATS = 7
+# The open-area threshold, as the extractor draws it: bar level + OPEN_FRACTION x (open - bar),
+# with the 5th percentile as the bar level and the 90th as the open level.
+OPEN_FRACTION = 0.3
 
 
 def input_stats(x: Tensor) -> Tensor:
-    """Global intensity statistics of (B, 1, H, W) inputs -> (B, 5): mean, s.d., quartiles, p90.
+    """Global intensity statistics of (B, 1, H, W) inputs -> (B, 7).
 
-    Above 64 px they are taken on a regular subsample of about 64 x 64 pixels.
+    Columns: mean, s.d., quartiles 25/50, 90th percentile, then the mean and the share of the
+    pixels above the open-area threshold (``OPEN_FRACTION`` of the way from the 5th to the 90th
+    percentile). Above 64 px they are taken on a regular subsample of about 64 x 64 pixels.
 
     GroupNorm normalises every square on its own, which removes its absolute intensity level
-    from the features; brightness (an open-area mean) and overall depend on exactly that, so
-    the classifiers get it directly.
+    from the features; brightness (an open-area mean) and overall (through the ice thickness)
+    depend on exactly that, so the classifiers get it directly. The open-area mean is the level
+    of the opening alone, without the bars that share the crop.
     """
     step = -(-x.shape[-1] // 64)  # above 64 px, every step-th pixel: the same cost as 64 px
     flat = x[..., ::step, ::step].float().flatten(1)
     # torch.quantile's linear interpolation, by one sort (torch.quantile itself is several
     # times slower on a CPU).
     ordered = flat.sort(dim=1).values
-    pos = torch.tensor([0.25, 0.5, 0.9], dtype=torch.float64) * (flat.shape[1] - 1)
+    pos = torch.tensor([0.05, 0.25, 0.5, 0.9], dtype=torch.float64) * (flat.shape[1] - 1)
     lo, hi = pos.floor().long(), pos.ceil().long()
     frac = (pos - lo).to(flat.dtype).to(x.device)
     q = ordered[:, lo] + (ordered[:, hi] - ordered[:, lo]) * frac
-    return torch.cat([flat.mean(1, keepdim=True), flat.std(1, keepdim=True), q], dim=1)
+    threshold = q[:, :1] + OPEN_FRACTION * (q[:, 3:4] - q[:, :1])
+    is_open = (flat > threshold).to(flat.dtype)
+    n_open = is_open.sum(1, keepdim=True)
+    open_mean = (flat * is_open).sum(1, keepdim=True) / n_open.clamp(min=1)
+    return torch.cat(
+        [
+            flat.mean(1, keepdim=True),
+            flat.std(1, keepdim=True),
+            q[:, 1:],
+            open_mean,
+            n_open / flat.shape[1],
+        ],
+        dim=1,
+    )
 
 
 class Classifier(nn.Module):
@@ -235,16 +254,25 @@ class Branch(nn.Module):
 
 
 class Fusion(nn.Module):
-    """Fuses the primary and attribute feature maps and predicts the five scores."""
+    """Fuses the primary and attribute feature maps and predicts the five scores.
+
+    ``cfg.fusion_mix``: a 3x3 convolution mixes the concatenated maps (B, n*C, h, w) down to C
+    channels before the classifier pools them; otherwise the classifier pools every branch's
+    maps and sees the concatenated (B, 2*n*C) vectors.
+    """
 
     def __init__(self, cfg: ModelConfig, c_in: int, n_branches: int):
         super().__init__()
-        self.mix = nn.Sequential(
-            nn.Conv2d(n_branches * c_in, c_in, 3, 1, 1, bias=False), _norm(c_in), nn.ReLU()
-        )
+        self.mix: nn.Module = nn.Identity()
+        c_cls = n_branches * c_in
+        if cfg.fusion_mix:
+            self.mix = nn.Sequential(
+                nn.Conv2d(n_branches * c_in, c_in, 3, 1, 1, bias=False), _norm(c_in), nn.ReLU()
+            )
+            c_cls = c_in
         n_stats = N_INPUT_STATS if cfg.input_stats else 0
         self.classifier = Classifier(
-            c_in, N_ATTRIBUTES, cfg.hidden, True, n_stats, cfg.overall_grad, cfg.overall_features
+            c_cls, N_ATTRIBUTES, cfg.hidden, True, n_stats, cfg.overall_grad, cfg.overall_features
         )
 
     def forward(self, feats: list[Tensor], stats: Tensor | None = None) -> Tensor:
