@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from xcryonet.baselines import build_baseline  # noqa: E402
-from xcryonet.experiment import _raw_crops  # noqa: E402
+from xcryonet.experiment import raw_crops  # noqa: E402
 from xcryonet.labels import SCORE_NAMES  # noqa: E402
 from xcryonet.train import read_table, resample, split_rows  # noqa: E402
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     table = read_table(args.squares, args.labels)
     y = table[[f"label_{s}" for s in SCORE_NAMES]].to_numpy(float)
-    crops, masks = _raw_crops(Path(args.squares), table)
+    crops, masks = raw_crops(Path(args.squares), table)
     small = [resample(c[None], args.px)[0, 0].numpy() for c in crops]
     small_m = [resample(m[None].astype(np.float32), args.px)[0, 0].numpy() > 0.5 for m in masks]
     print(

@@ -405,3 +405,23 @@ def test_resume_refuses_other_settings_and_bad_checkpoints(dataset, tmp_path):
     (tmp_path / "o" / "model.pt").write_bytes(b"garbage")
     with pytest.raises(InputError, match="not a readable"):
         load_model(tmp_path / "o")
+
+
+def test_load_crops_selects_rows_and_names_the_file_on_errors(tmp_path):
+    from xcryonet.stages import load_crops
+
+    grid = tmp_path / "g0"
+    grid.mkdir()
+    crops = np.arange(3 * 4 * 4, dtype=np.float32).reshape(3, 4, 4)
+    masks = crops > 20
+    np.savez(grid / "crops.npz", crops=crops, masks=masks)
+    c, m = load_crops(tmp_path, "g0", np.array([2, 0]))
+    np.testing.assert_array_equal(c, crops[[2, 0]])
+    np.testing.assert_array_equal(m, masks[[2, 0]])
+    assert load_crops(tmp_path, "g0")[0].shape == (3, 4, 4)
+    with pytest.raises(InputError, match=r"crops.npz.*holds 3 crops") as err:
+        load_crops(tmp_path, "g0", np.array([3]))
+    assert "\n" not in str(err.value)
+    (grid / "crops.npz").write_bytes(b"not a zip")
+    with pytest.raises(InputError, match=r"crops.npz.*cannot read the crops"):
+        load_crops(tmp_path, "g0")

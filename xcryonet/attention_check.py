@@ -261,7 +261,7 @@ def attention_contrast(
         and ``contamination_planted`` (only the squares planted with contamination, not just
         the specks every square has).
     """
-    from xcryonet.stages import CROPS_NPZ, load_squares
+    from xcryonet.stages import load_crops, load_squares
 
     attend = _attend_with(model) if isinstance(model, XCryoNet) else model
     squares_dir = Path(squares_dir)
@@ -278,12 +278,7 @@ def attention_contrast(
         spec, layout, seed = plans[grid_id]
         grid = simulate_grid(replace(spec, with_tiles=False), seed)
         sq = table[table["grid_id"] == grid_id].reset_index(drop=True)
-        path = squares_dir / grid_id / CROPS_NPZ
-        try:
-            with np.load(path) as z:
-                crops, masks = z["crops"], z["masks"]
-        except (OSError, KeyError, ValueError) as err:
-            raise InputError(path, f"cannot read the crops ({err})") from None
+        crops, masks = load_crops(squares_dir, grid_id)
         s = grid_samples(grid, layout, sq, crops, masks)
         del grid
         take = slice(None) if per_grid is None else slice(0, per_grid)

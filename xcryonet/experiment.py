@@ -74,20 +74,20 @@ def method_name(variant: str, supervision: str) -> str:
     return f"{'XCryoNet' if variant == 'xcryonet' else 'Primary'}-{supervision.upper()}"
 
 
-def _raw_crops(squares_dir: Path, table: pd.DataFrame) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Native-resolution crops and masks of ``table``'s rows, in row order."""
-    from xcryonet.stages import CROPS_NPZ
+def raw_crops(squares_dir: Path, table: pd.DataFrame) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Native-resolution crops (float32) and masks of ``table``'s rows, in row order."""
+    from xcryonet.stages import load_crops
 
     crops: list[np.ndarray] = [np.zeros((0, 0))] * len(table)
     masks: list[np.ndarray] = [np.zeros((0, 0), bool)] * len(table)
     pos = np.arange(len(table))
     for grid_id, rows in table.groupby("grid_id", sort=True).groups.items():
         where = pos[table.index.get_indexer(rows)]
-        with np.load(Path(squares_dir) / str(grid_id) / CROPS_NPZ) as z:
-            c, m = z["crops"], z["masks"]
-        for w, sid in zip(where, table.iloc[where]["square_id"].to_numpy(int), strict=True):
-            crops[w] = c[sid].astype(np.float32)
-            masks[w] = m[sid]
+        ids = table.iloc[where]["square_id"].to_numpy(int)
+        c, m = load_crops(squares_dir, str(grid_id), ids)
+        for k, w in enumerate(where):
+            crops[w] = c[k].astype(np.float32)
+            masks[w] = m[k]
     return crops, masks
 
 
@@ -120,7 +120,7 @@ def _baseline_rows(
     from xcryonet.baselines import FeaturesGBM, build_baseline, square_features
     from xcryonet.train import split_rows
 
-    crops, masks = _raw_crops(squares_dir, table)
+    crops, masks = raw_crops(squares_dir, table)
     features: np.ndarray | None = None
     if "features_gbm" in plan.baselines:
         # The features of a square do not depend on the split: compute them once, for the

@@ -233,6 +233,28 @@ def load_squares(squares_root: Path) -> pd.DataFrame:
     return pd.concat([pd.read_csv(f, dtype={"grid_id": str}) for f in files], ignore_index=True)
 
 
+def load_crops(
+    squares_root: Path, grid_id: str, ids: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A grid's native-resolution crops (N, S, S) and open-area masks (N, S, S) bool, as
+    ``xcryonet extract`` wrote them (row i = square_id i), or only the rows ``ids``.
+
+    Raises a one-line ``InputError`` naming crops.npz when it is unreadable or holds fewer
+    crops than ``ids`` asks for.
+    """
+    path = Path(squares_root) / str(grid_id) / CROPS_NPZ
+    try:
+        with np.load(path) as z:
+            crops, masks = z["crops"], z["masks"]
+    except (OSError, KeyError, ValueError) as err:
+        raise InputError(path, f"cannot read the crops ({err})") from None
+    if ids is None:
+        return crops, masks
+    if np.max(ids, initial=-1) >= len(crops):
+        raise InputError(path, f"holds {len(crops)} crops but squares.csv names more")
+    return crops[ids], masks[ids]
+
+
 def check_labels(labels_path: Path, squares_root: Path) -> dict[str, Any]:
     """Validate labels.csv and join it to the extracted squares; returns counts per grid."""
     from xcryonet.labels import join_labels, read_labels

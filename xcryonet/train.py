@@ -243,22 +243,15 @@ def load_squares_set(
         label_rows: (N,) bool; rows where it is False get NaN labels (they contribute only
             reconstruction losses).
     """
-    from xcryonet.stages import CROPS_NPZ
+    from xcryonet.stages import load_crops
 
     xs = torch.zeros((len(table), 1, cfg.input_px, cfg.input_px), dtype=torch.float16)
     pos = np.arange(len(table))
     for grid_id, rows in table.groupby("grid_id", sort=True).groups.items():
         where = pos[table.index.get_indexer(rows)]
-        path = Path(squares_dir) / str(grid_id) / CROPS_NPZ
-        try:
-            with np.load(path) as z:
-                crops = z["crops"]
-        except (OSError, KeyError, ValueError) as err:
-            raise InputError(path, f"cannot read the crops ({err})") from None
         ids = table.iloc[where]["square_id"].to_numpy(int)
-        if ids.max(initial=-1) >= len(crops):
-            raise InputError(path, f"holds {len(crops)} crops but squares.csv names more")
-        xs[torch.as_tensor(where)] = normalize(resample(crops[ids], cfg.input_px), cfg).half()
+        crops, _ = load_crops(Path(squares_dir), str(grid_id), ids)
+        xs[torch.as_tensor(where)] = normalize(resample(crops, cfg.input_px), cfg).half()
     y = table[[f"label_{s}" for s in SCORE_NAMES]].to_numpy(np.float32).copy()
     y[~np.asarray(label_rows, bool)] = np.nan
     keys = [f"{g}/{s}" for g, s in zip(table["grid_id"], table["square_id"], strict=True)]
