@@ -20,10 +20,13 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-## The main job on the embedded defaults: simulate the demo grids (once), then extract every square.
+## The main job on the embedded defaults: simulate the demo grids (once), record them in the DVC
+## cache (data.dvc must not change), then `dvc repro`: extract, dataset, train, evaluate, register.
 demo: $(BIN)/.installed
 	test -f data/labels.csv || $(BIN)/xcryonet simulate
-	$(BIN)/xcryonet extract data/raw/* --out squares
+	$(BIN)/dvc commit -f -q data.dvc
+	git diff --quiet -- data.dvc || { echo "data.dvc changed: the demo data is not the committed one" >&2; exit 1; }
+	$(BIN)/dvc repro
 
 ## Every test (CI runs this through .ci/run).
 test: $(BIN)/.installed
@@ -35,4 +38,4 @@ lint: $(BIN)/.installed
 	$(BIN)/mypy
 
 clean-demo:
-	rm -rf data squares
+	rm -rf data squares dataset models eval registry.json

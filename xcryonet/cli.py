@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,9 @@ def _add_params(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a param, e.g. --set extract.crop_px=512 (repeatable)",
     )
+
+
+_MODEL_HELP = "model folder of `xcryonet train`, or models:/xcryonet@champion (or /VERSION)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,16 +65,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--supervision", default="ss", choices=("ss", "fs"))
     p.add_argument("--labeled", type=int, help="labelled squares to train on (default: all)")
     p.add_argument("--unlabeled", type=int, help="unlabelled squares for ss (default: all)")
+    p.add_argument("--split", help="split.csv of `xcryonet dataset` (replaces the random split)")
+    p.add_argument(
+        "--no-track", dest="track", action="store_false", help="do not log the run to MLflow"
+    )
+    p.add_argument("--run-name", help="MLflow run name (default: VARIANT-SUPERVISION)")
 
-    p = sub.add_parser("evaluate", help="print the MAE per score of a model as JSON")
-    p.add_argument("--model", required=True, help="model folder written by `xcryonet train`")
+    p = sub.add_parser("dataset", help="join labels to squares and write the stable split")
+    _add_params(p)
     p.add_argument("--squares", required=True, help="output folder of `xcryonet extract`")
     p.add_argument("--labels", required=True, help="labels.csv")
+    p.add_argument("--out", required=True, help="folder for split.csv and summary.json")
+
+    p = sub.add_parser("evaluate", help="print the MAE per score of a model as JSON")
+    _add_params(p)
+    p.add_argument("--model", required=True, help=_MODEL_HELP)
+    p.add_argument("--squares", required=True, help="output folder of `xcryonet extract`")
+    p.add_argument("--labels", required=True, help="labels.csv")
+    p.add_argument("--split", help="split.csv: evaluate on its test squares only")
+    p.add_argument("--out", help="folder for metrics.json, plots/ and figures/")
+
+    p = sub.add_parser("register", help="register a model; promote it to champion if better")
+    _add_params(p)
+    p.add_argument("--model", required=True, help="model folder trained with MLflow tracking")
+    p.add_argument("--squares", required=True, help="output folder of `xcryonet extract`")
+    p.add_argument("--labels", required=True, help="labels.csv")
+    p.add_argument("--split", required=True, help="split.csv: champion and challenger meet here")
+    p.add_argument("--out", help="JSON file recording what happened")
+
+    p = sub.add_parser("registry", help="show the registered models or roll champion back")
+    _add_params(p)
+    p.add_argument("action", choices=("show", "rollback"))
 
     p = sub.add_parser("score", help="score a new grid: ranked targets in stage coordinates")
     _add_params(p)
     p.add_argument("atlas", help="EPU atlas folder, SerialEM montage or MRC file")
-    p.add_argument("--model", required=True, help="model folder written by `xcryonet train`")
+    p.add_argument("--model", required=True, help=_MODEL_HELP)
     p.add_argument("--out", required=True, help="targets CSV to write")
     p.add_argument("--attention", help="folder for attention-map pictures of every square")
     p.add_argument(
@@ -122,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     # Stage imports are deferred so `xcryonet --help` stays fast.
     from xcryonet import stages
+
+    # One progress bar per download of a registry model is noise in a terminal or a DVC log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from xcryonet.config import load_params
 
     if args.command == "inspect":
@@ -130,11 +163,42 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "labels":
         _print_json(stages.check_labels(Path(args.labels), Path(args.squares)))
         return 0
+    params = load_params(args.params, args.overrides)
     if args.command == "evaluate":
-        result = stages.evaluate_model(Path(args.model), Path(args.squares), Path(args.labels))
+        result = stages.evaluate_model(
+            args.model,
+            Path(args.squares),
+            Path(args.labels),
+            split_csv=Path(args.split) if args.split else None,
+            out_dir=Path(args.out) if args.out else None,
+            params=params,
+        )
         _print_json(result)
         return 0
-    params = load_params(args.params, args.overrides)
+    if args.command == "dataset":
+        _print_json(
+            stages.make_dataset(Path(args.squares), Path(args.labels), Path(args.out), params)
+        )
+        return 0
+    if args.command == "register":
+        result = stages.register_model(
+            Path(args.model),
+            Path(args.squares),
+            Path(args.labels),
+            Path(args.split),
+            params,
+            Path(args.out) if args.out else None,
+        )
+        _print_json(result)
+        return 0
+    if args.command == "registry":
+        from xcryonet import tracking
+
+        if args.action == "rollback":
+            _print_json(stages.rollback_champion(params))
+        else:
+            _print_json(tracking.registry_summary(params.mlflow))
+        return 0
     if args.command == "train":
         result = stages.train_model(
             Path(args.squares),
@@ -145,7 +209,11 @@ def _run(args: argparse.Namespace) -> int:
             supervision=args.supervision,
             labeled=args.labeled,
             unlabeled=args.unlabeled,
+            split_csv=Path(args.split) if args.split else None,
+            track=args.track,
+            run_name=args.run_name,
         )
+        result.pop("curve", None)  # in metrics.json; too long for the terminal
         _print_json(result)
         return 0
     if args.command == "experiment":
@@ -171,12 +239,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "score":
         result = stages.score(
             Path(args.atlas),
-            Path(args.model),
+            args.model,
             Path(args.out),
             params.extract,
             attention_dir=Path(args.attention) if args.attention else None,
             nav_path=Path(args.nav) if args.nav else None,
             top_n=args.top,
+            mlflow_cfg=params.mlflow,
         )
         _print_json(result)
         return 0

@@ -191,6 +191,55 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    """What ``dvc repro`` trains, evaluates and registers (``pipeline:`` in params.yaml).
+
+    Attributes:
+        variant: ``xcryonet`` or ``primary``.
+        supervision: ``ss`` (labelled + unlabelled squares) or ``fs``.
+        labeled: labelled training squares (None = every one not held out).
+        unlabeled: unlabelled squares for ``ss`` (None = all).
+        gallery: squares in the attention-map gallery logged with each run.
+    """
+
+    variant: str = "xcryonet"
+    supervision: str = "ss"
+    labeled: int | None = None
+    unlabeled: int | None = 1500
+    gallery: int = 12
+
+    def __post_init__(self) -> None:
+        if self.variant not in ("xcryonet", "primary"):
+            raise InputError(
+                "pipeline", f"variant must be xcryonet or primary, got {self.variant!r}"
+            )
+        if self.supervision not in ("ss", "fs"):
+            raise InputError("pipeline", f"supervision must be ss or fs, got {self.supervision!r}")
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """Tracking and registry (``mlflow:`` in params.yaml).
+
+    Attributes:
+        tracking_uri: the tracking store; a relative ``sqlite:///`` path is taken from the
+            current folder. The ``MLFLOW_TRACKING_URI`` environment variable overrides it.
+        artifact_root: folder (or URI) for the artifacts of a newly created experiment; a
+            relative folder sits beside the SQLite file.
+        experiment: experiment name.
+        registered_model: the registry's model name; ``register`` sets its ``challenger``
+            alias and moves ``champion`` only when the challenger is better.
+        metric: the held-out score that decides promotion (MAE, lower is better).
+    """
+
+    tracking_uri: str = "sqlite:///mlruns.db"
+    artifact_root: str = "mlartifacts"
+    experiment: str = "xcryonet"
+    registered_model: str = "xcryonet"
+    metric: str = "overall"
+
+
+@dataclass(frozen=True)
 class Params:
     """All settings, as in ``params.yaml``."""
 
@@ -198,6 +247,8 @@ class Params:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
 def _check_type(value: Any, tp: Any, where: str, source: str) -> Any:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from xcryonet.config import ExtractConfig, Params, SimulateConfig, to_dict
+from xcryonet.config import ExtractConfig, MlflowConfig, Params, SimulateConfig, to_dict
 from xcryonet.errors import InputError
 from xcryonet.io.atlas import Atlas
 from xcryonet.io.atomic import atomic_dir
@@ -271,6 +271,69 @@ def check_labels(labels_path: Path, squares_root: Path) -> dict[str, Any]:
     }
 
 
+SPLIT_CSV = "split.csv"
+EVAL_METRICS = "metrics.json"
+REGISTRY_JSON = "registry.json"
+
+
+def make_dataset(
+    squares_dir: Path, labels_csv: Path, out_dir: Path, params: Params
+) -> dict[str, Any]:
+    """The ``dataset`` stage: join the labels to the squares and write the stable split
+    (``out_dir/split.csv``, see :mod:`xcryonet.dataset`) and ``summary.json`` (counts)."""
+    from xcryonet.dataset import make_split
+    from xcryonet.io.atomic import atomic_write_text
+    from xcryonet.train import read_table
+
+    table = read_table(squares_dir, labels_csv)
+    pc = params.pipeline
+    split = make_split(
+        table,
+        test_fraction=params.train.test_fraction,
+        seed=params.train.seed,
+        supervision=pc.supervision,
+        labeled=pc.labeled,
+        unlabeled=pc.unlabeled,
+        path=labels_csv,
+    )
+    counts = split["role"].value_counts()
+    summary = {
+        "squares": len(split),
+        **{r: int(counts.get(r, 0)) for r in ("train", "test", "unlabelled", "unused")},
+        "test_per_grid": {
+            str(k): int(v)
+            for k, v in split[split["role"] == "test"].groupby("grid_id").size().items()
+        },
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / SPLIT_CSV, split.to_csv(index=False))
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _split_rows(
+    squares_dir: Path, labels_csv: Path, split_csv: Path
+) -> tuple[pd.DataFrame, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    from xcryonet.dataset import read_split, rows_from_split
+    from xcryonet.train import read_table
+
+    table = read_table(squares_dir, labels_csv)
+    return table, rows_from_split(table, read_split(split_csv), split_csv)
+
+
+def split_id(split_csv: Path) -> str:
+    """A short hash of the held-out squares of a split: equal ids, same test set."""
+    import hashlib
+
+    from xcryonet.dataset import read_split
+
+    split = read_split(split_csv)
+    test = split[split["role"] == "test"]
+    keys = sorted(f"{g}/{s}" for g, s in zip(test["grid_id"], test["square_id"], strict=True))
+    return hashlib.sha1("\n".join(keys).encode()).hexdigest()[:12]
+
+
 def train_model(
     squares_dir: Path,
     labels_csv: Path,
@@ -281,39 +344,223 @@ def train_model(
     supervision: str = "ss",
     labeled: int | None = None,
     unlabeled: int | None = None,
+    split_csv: Path | None = None,
+    track: bool = False,
+    run_name: str | None = None,
+    on_epoch: Any = None,
 ) -> dict[str, Any]:
-    """Train a variant on extracted squares and operator labels; see ``xcryonet.train.train``."""
+    """Train a variant on extracted squares and operator labels; see ``xcryonet.train.train``.
+
+    ``split_csv``: the roles from the ``dataset`` stage instead of a random split (``labeled``
+    and ``unlabeled`` are then the split's). ``track``: log the run and the model to MLflow
+    and write ``out_dir/mlflow.json``. ``on_epoch``: an extra per-epoch callback.
+    """
     from xcryonet.train import train
 
-    return train(
-        squares_dir,
-        labels_csv,
-        out_dir,
-        params.train,
-        model_cfg=params.model,
-        variant=variant,
-        supervision=supervision,
-        labeled=labeled,
-        unlabeled=unlabeled,
+    rows = None
+    if split_csv is not None:
+        _, rows = _split_rows(squares_dir, labels_csv, split_csv)
+
+    def run(callback: Any) -> dict[str, Any]:
+        return train(
+            squares_dir,
+            labels_csv,
+            out_dir,
+            params.train,
+            model_cfg=params.model,
+            variant=variant,
+            supervision=supervision,
+            labeled=labeled,
+            unlabeled=unlabeled,
+            rows=rows,
+            on_epoch=callback,
+        )
+
+    if not track:
+        return run(on_epoch)
+
+    from xcryonet import tracking
+
+    tags = {"variant": variant, "supervision": supervision}
+    name = run_name or f"{variant}-{supervision}"
+    with tracking.training_run(params, run_name=name, tags=tags) as logger:
+
+        def both(rec: Any) -> None:
+            logger.on_epoch(rec)
+            if on_epoch is not None:
+                on_epoch(rec)
+
+        metrics = run(both)
+        import mlflow
+
+        mlflow.log_metrics(
+            {
+                **{f"test_mae/{k}": v for k, v in metrics["test_mae"].items() if v is not None},
+                **{
+                    f"test_mae_rounded/{k}": v
+                    for k, v in metrics["test_mae_rounded"].items()
+                    if v is not None
+                },
+                "labeled": metrics["labeled"],
+                "unlabeled": metrics["unlabeled"],
+                "train_seconds": metrics["train_seconds"],
+            }
+        )
+        mlflow.set_tag("labeled", str(metrics["labeled"]))
+        model_uri = tracking.log_model(Path(out_dir))
+        info = {"run_id": logger.run_id, "experiment_id": logger.experiment_id}
+        info["model_uri"] = model_uri
+        info["tracking_uri"] = tracking.tracking_uri(params.mlflow)
+        tracking.write_run_file(Path(out_dir), info)
+    return {**metrics, "mlflow": info}
+
+
+def evaluate_model(
+    model_ref: Path | str,
+    squares_dir: Path,
+    labels_csv: Path,
+    *,
+    split_csv: Path | None = None,
+    out_dir: Path | None = None,
+    params: Params | None = None,
+) -> dict[str, Any]:
+    """MAE per score of a model (folder or ``models:/`` URI) on the labelled squares.
+
+    ``split_csv``: only its ``test`` squares. ``out_dir``: also write ``metrics.json`` (raw and
+    rounded MAE), ``plots/learning_curve.csv`` and ``plots/pred_vs_true.csv`` (DVC plots), and
+    ``figures/`` (learning curves, predicted vs true, an attention gallery); when the model
+    folder has an MLflow run (``mlflow.json``), the metrics and figures are logged to it.
+    """
+    from xcryonet import tracking
+    from xcryonet.train import evaluate, load_model, load_squares_set, predict_tensor, read_table
+
+    params = params or Params()
+    with tracking.model_folder(model_ref, params.mlflow) as folder:
+        model, cfg = load_model(folder)
+        curve_path = folder / "metrics.json"
+        curve = json.loads(curve_path.read_text()).get("curve", []) if curve_path.exists() else []
+    model_dir = Path(model_ref) if not tracking.is_registry_uri(model_ref) else None
+    if split_csv is not None:
+        table, (_, _, rows) = _split_rows(squares_dir, labels_csv, split_csv)
+    else:
+        table = read_table(squares_dir, labels_csv)
+        rows = np.flatnonzero(table["labelled"].to_numpy())
+    if len(rows) == 0:
+        raise InputError(split_csv or labels_csv, "has no labelled square to evaluate on")
+    data = load_squares_set(squares_dir, table.iloc[rows], cfg, np.ones(len(rows), bool))
+    result: dict[str, Any] = {
+        "mae": evaluate(model, data),
+        "mae_rounded": evaluate(model, data, round_scores=True),
+        "n": len(rows),
+    }
+    if out_dir is None:
+        return result
+    from xcryonet import report
+    from xcryonet.explain import render_attention, square_attention
+    from xcryonet.io.atomic import atomic_write_text
+
+    out_dir = Path(out_dir)
+    (out_dir / "plots").mkdir(parents=True, exist_ok=True)
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / EVAL_METRICS, json.dumps(result, indent=2) + "\n")
+    pred = predict_tensor(model, data.x).numpy()
+    pvt = report.pred_true_table(data.keys, pred, data.y.numpy())
+    atomic_write_text(out_dir / "plots" / "pred_vs_true.csv", pvt.to_csv(index=False))
+    lc = report.curve_table(curve)
+    atomic_write_text(out_dir / "plots" / "learning_curve.csv", lc.to_csv(index=False))
+    figures = {"pred_vs_true.png": report.figure_image(report.pred_true_figure(pvt))}
+    if len(lc):
+        figures["learning_curve.png"] = report.figure_image(report.learning_curve_figure(lc))
+    n_gallery = min(params.pipeline.gallery, len(rows))
+    if n_gallery and model.fusion is not None:
+        pick = np.linspace(0, len(rows) - 1, n_gallery).round().astype(int)
+        sub = table.iloc[rows[pick]]
+        by_grid = {
+            str(g): load_crops(squares_dir, str(g), part["square_id"].to_numpy(int))[0]
+            for g, part in sub.groupby("grid_id", sort=False)
+        }
+        seen: dict[str, int] = {}
+        crops = []
+        for g in sub["grid_id"].astype(str):
+            crops.append(by_grid[g][seen.setdefault(g, 0)])
+            seen[g] += 1
+        inputs, maps = square_attention(model, crops)
+        panels = [
+            render_attention(inputs[i], maps[i], pred[pick[i]], title=data.keys[pick[i]])
+            for i in range(n_gallery)
+        ]
+        figures["attention_gallery.png"] = report.tile(panels, columns=3)
+    for name, image in figures.items():
+        image.save(out_dir / "figures" / name)
+    if model_dir is not None and (model_dir / tracking.RUN_FILE).exists():
+        import mlflow
+
+        info = tracking.read_run_file(Path(model_dir))
+        tracking.setup(params.mlflow)
+        with mlflow.start_run(run_id=info["run_id"]):
+            mlflow.log_metrics(
+                {f"eval_mae/{k}": v for k, v in result["mae"].items() if v is not None}
+            )
+            mlflow.log_artifacts(str(out_dir / "figures"), "figures")
+            for grid in sorted({str(g) for g in table["grid_id"]}):
+                overview = Path(squares_dir) / grid / OVERVIEW_PNG
+                if overview.exists():
+                    mlflow.log_artifact(str(overview), f"overviews/{grid}")
+    return result
+
+
+def register_model(
+    model_dir: Path,
+    squares_dir: Path,
+    labels_csv: Path,
+    split_csv: Path,
+    params: Params,
+    out_json: Path | None = None,
+) -> dict[str, Any]:
+    """The ``register`` stage: register the trained model as ``challenger`` and move
+    ``champion`` to it only if its held-out MAE (``mlflow.metric``) beats the champion's on
+    the same split. Writes ``out_json`` with what happened."""
+    from xcryonet import tracking
+    from xcryonet.io.atomic import atomic_write_text
+
+    info = tracking.read_run_file(Path(model_dir))
+    mine = evaluate_model(model_dir, squares_dir, labels_csv, split_csv=split_csv, params=params)
+
+    def champion_mae(uri: str) -> dict[str, float | None]:
+        return evaluate_model(uri, squares_dir, labels_csv, split_csv=split_csv, params=params)[
+            "mae"
+        ]
+
+    result = tracking.register(
+        params.mlflow,
+        info["model_uri"],
+        mine["mae"],
+        champion_mae,
+        split_id=split_id(split_csv),
+        run_id=info["run_id"],
     )
+    if out_json is not None:
+        atomic_write_text(Path(out_json), json.dumps(result, indent=2) + "\n")
+    return result
 
 
-def evaluate_model(model_dir: Path, squares_dir: Path, labels_csv: Path) -> dict[str, Any]:
-    """MAE per score of a trained model on every labelled square of a dataset."""
-    from xcryonet.train import evaluate_dir
+def rollback_champion(params: Params) -> dict[str, Any]:
+    """Move the registry's ``champion`` alias back to the previous champion."""
+    from xcryonet import tracking
 
-    return {"mae": evaluate_dir(model_dir, squares_dir, labels_csv)}
+    return tracking.rollback(params.mlflow)
 
 
 def score(
     atlas_path: Path,
-    model_dir: Path,
+    model_dir: Path | str,
     out_csv: Path,
     cfg: ExtractConfig,
     *,
     attention_dir: Path | None = None,
     nav_path: Path | None = None,
     top_n: int = 20,
+    mlflow_cfg: MlflowConfig | None = None,
 ) -> dict[str, Any]:
     """Score a new grid: extract its squares, predict the five scores, rank the targets.
 
@@ -333,9 +580,12 @@ def score(
     from xcryonet.train import load_model, predict
 
     t0 = time.perf_counter()
-    if not (Path(model_dir) / "model.pt").exists():
-        raise InputError(model_dir, "is not a model folder (no model.pt): train one first")
-    model, _ = load_model(model_dir)
+    from xcryonet.tracking import model_folder
+
+    with model_folder(model_dir, mlflow_cfg or MlflowConfig()) as folder:
+        if not (folder / "model.pt").exists():
+            raise InputError(model_dir, "is not a model folder (no model.pt): train one first")
+        model, _ = load_model(folder)
     grid = extract_atlas(atlas_path, cfg)
     crops = grid.crops.astype(np.float32)
     scores = predict(model, crops)

@@ -514,6 +514,21 @@ def evaluate(
     return out
 
 
+@dataclass(frozen=True)
+class EpochRecord:
+    """What ``train``'s ``on_epoch`` callback gets after each epoch.
+
+    ``losses``: phase name -> loss name -> mean loss; ``val_mae``: score -> MAE on the held-out
+    squares (empty without a test set); ``seconds``: training time so far.
+    """
+
+    epoch: int
+    epochs: int
+    losses: dict[str, dict[str, float]]
+    val_mae: dict[str, float | None]
+    seconds: float
+
+
 def _rng_state() -> dict[str, Any]:
     name, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
     key = np.asarray(key)
@@ -568,12 +583,20 @@ def train(
     labeled: int | None = None,
     unlabeled: int | None = None,
     resume: bool = True,
+    rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> dict[str, Any]:
     """Train a variant and write ``out_dir/{checkpoint.pt, model.pt, metrics.json}``.
 
     Resumes from ``out_dir/checkpoint.pt`` when it exists and ``resume`` is true (the run
     settings other than ``epochs`` must match). Returns the metrics: MAE per score on the
-    held-out labelled squares, the counts and the final losses per phase.
+    held-out labelled squares, the counts, the final losses per phase and the learning curve.
+
+    ``rows``: (train labelled, train unlabelled, test) row numbers of ``read_table`` instead of
+    the seeded random split (``xcryonet.dataset`` makes a stable one from ``split.csv``).
+    ``on_epoch``: called after every epoch's checkpoint is written, with the epoch's losses and
+    validation MAE (MLflow logging, Optuna pruning); an exception there stops training with
+    the checkpoint intact, so the run resumes.
     """
     cfg = cfg or TrainConfig()
     model_cfg = model_cfg or ModelConfig()
@@ -584,19 +607,24 @@ def train(
         torch.set_num_threads(cfg.threads)
 
     table = read_table(squares_dir, labels_csv)
-    lab, unl, test = split_rows(
-        table,
-        supervision=supervision,
-        labeled=labeled,
-        unlabeled=unlabeled,
-        test_fraction=cfg.test_fraction,
-        seed=cfg.seed,
-        path=labels_csv,
-    )
+    if rows is None:
+        lab, unl, test = split_rows(
+            table,
+            supervision=supervision,
+            labeled=labeled,
+            unlabeled=unlabeled,
+            test_fraction=cfg.test_fraction,
+            seed=cfg.seed,
+            path=labels_csv,
+        )
+    else:
+        lab, unl, test = (np.asarray(r, np.int64) for r in rows)
+        if len(lab) == 0:
+            raise InputError(labels_csv, "the split has no labelled training square")
     phases = phases_for(variant, cfg.lr, fusion_pass_count(cfg, len(lab)))
-    rows = np.concatenate([lab, unl])
+    train_rows = np.concatenate([lab, unl])
     train_set = load_squares_set(
-        squares_dir, table.iloc[rows], model_cfg, np.arange(len(rows)) < len(lab)
+        squares_dir, table.iloc[train_rows], model_cfg, np.arange(len(train_rows)) < len(lab)
     )
     test_set = load_squares_set(squares_dir, table.iloc[test], model_cfg, np.ones(len(test), bool))
     run = {
@@ -612,6 +640,7 @@ def train(
     model = build_model(variant, model_cfg).to(device)
     optimizers = make_optimizers(model, phases)
     start, history, seconds = 0, [], 0.0
+    val_history: list[dict[str, float | None]] = []
     ckpt_path = out_dir / CHECKPOINT
     if resume and ckpt_path.exists():
         ckpt = _load(ckpt_path)
@@ -626,6 +655,7 @@ def train(
         for name, opt in optimizers.items():
             opt.load_state_dict(ckpt["optimizers"][name])
         start, history, seconds = int(ckpt["epoch"]), list(ckpt["history"]), ckpt["seconds"]
+        val_history = list(ckpt.get("val_history", []))
         _set_rng_state(ckpt["rng"])
 
     for epoch in range(start, cfg.epochs):
@@ -651,6 +681,8 @@ def train(
                 for k, ph in enumerate(phases)
             }
         history.append(losses)
+        # Validation MAE on the held-out squares (no randomness: resuming stays exact).
+        val_history.append(evaluate(model, test_set) if len(test) else {})
         seconds += time.perf_counter() - t0
         ckpt = {
             **_model_record(model, run),
@@ -659,10 +691,13 @@ def train(
             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
             "rng": _rng_state(),
             "history": history,
+            "val_history": val_history,
             "seconds": seconds,
         }
         with atomic_path(ckpt_path) as tmp:
             torch.save(ckpt, tmp)
+        if on_epoch is not None:
+            on_epoch(EpochRecord(epoch + 1, cfg.epochs, losses, val_history[-1], seconds))
 
     set_trainable(model, [])
     metrics = {
@@ -676,6 +711,10 @@ def train(
         "test_mae_rounded": evaluate(model, test_set, round_scores=True) if len(test) else {},
         "final_losses": history[-1] if history else {},
         "train_seconds": round(seconds, 2),
+        "curve": [
+            {"epoch": k + 1, "losses": h, "val_mae": v}
+            for k, (h, v) in enumerate(zip(history, val_history, strict=False))
+        ],
     }
     with atomic_path(out_dir / MODEL_FILE) as tmp:
         torch.save(_model_record(model, run), tmp)
