@@ -93,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", required=True, help="split.csv: champion and challenger meet here")
     p.add_argument("--out", help="JSON file recording what happened")
 
+    p = sub.add_parser("tune", help="Optuna study; writes the best params (see README)")
+    _add_params(p)
+    p.add_argument("--squares", required=True, help="output folder of `xcryonet extract`")
+    p.add_argument("--labels", required=True, help="labels.csv")
+    p.add_argument("--split", required=True, help="split.csv of `xcryonet dataset`")
+    p.add_argument("--out", required=True, help="folder for trials/, best_params.yaml, best.json")
+    p.add_argument("--trials", type=int, help="trials in all (default: tune.trials)")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the study")
+
     p = sub.add_parser("registry", help="show the registered models or roll champion back")
     _add_params(p)
     p.add_argument("action", choices=("show", "rollback"))
@@ -188,6 +197,20 @@ def _run(args: argparse.Namespace) -> int:
             Path(args.split),
             params,
             Path(args.out) if args.out else None,
+        )
+        _print_json(result)
+        return 0
+    if args.command == "tune":
+        from xcryonet.tune import tune
+
+        result = tune(
+            Path(args.squares),
+            Path(args.labels),
+            Path(args.split),
+            Path(args.out),
+            params,
+            n_trials=args.trials,
+            workers=args.workers,
         )
         _print_json(result)
         return 0

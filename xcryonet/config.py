@@ -160,6 +160,9 @@ class TrainConfig:
             100 labels it gets as many steps as with 400.
         lr_schedule: ``cosine`` (lr decays from ``lr`` to 5 % of it over ``epochs``; a function
             of the epoch alone, so resuming stays exact) or ``constant``.
+        recon_weight: weight of the primary reconstruction loss in phase 1 (paper: 1).
+        attribute_weight: weight of the attribute branches' supervised loss in phase 1.
+        autoencoder_passes: passes of the attribute autoencoder phase per epoch.
     """
 
     epochs: int = 30
@@ -176,12 +179,21 @@ class TrainConfig:
     labelled_fraction: float = 0.25
     fusion_squares: int = 400
     lr_schedule: str = "cosine"
+    recon_weight: float = 1.0
+    attribute_weight: float = 1.0
+    autoencoder_passes: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.labelled_fraction < 1:
             raise InputError(
                 "train", f"labelled_fraction must be in [0, 1), got {self.labelled_fraction}"
             )
+        if self.autoencoder_passes < 1:
+            raise InputError(
+                "train", f"autoencoder_passes must be >= 1, got {self.autoencoder_passes}"
+            )
+        if self.recon_weight < 0 or self.attribute_weight < 0:
+            raise InputError("train", "recon_weight and attribute_weight must be >= 0")
         if self.fusion_squares < 0:
             raise InputError("train", f"fusion_squares must be >= 0, got {self.fusion_squares}")
         if self.lr_schedule not in ("cosine", "constant"):
@@ -240,6 +252,31 @@ class MlflowConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    """Optuna tuning (``tune:`` in params.yaml).
+
+    Attributes:
+        storage: the study's RDB URL (a relative ``sqlite:///`` path is taken from the current
+            folder); any SQLAlchemy database URL lets workers on many machines share it.
+        study: study name.
+        trials: trials per ``xcryonet tune`` (``--trials`` overrides).
+        epochs: epochs of each trial.
+        warmup_epochs: epochs before the median pruner may stop a trial.
+        val_fraction: share of the labelled training squares each trial validates on (the
+            held-out test squares are never used).
+        seed: seeds the TPE sampler.
+    """
+
+    storage: str = "sqlite:///optuna.db"
+    study: str = "xcryonet"
+    trials: int = 8
+    epochs: int = 10
+    warmup_epochs: int = 3
+    val_fraction: float = 0.2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Params:
     """All settings, as in ``params.yaml``."""
 
@@ -249,6 +286,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 def _check_type(value: Any, tp: Any, where: str, source: str) -> Any:

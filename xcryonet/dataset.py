@@ -46,7 +46,7 @@ def make_split(
 ) -> pd.DataFrame:
     """Roles of the squares of ``train.read_table``'s table (columns grid_id, square_id,
     labelled). A labelled square is ``test`` when its hash is below ``test_fraction``; of the
-    rest, the ``labeled`` with the smallest hashes train (None = all); for ``ss``, the
+    rest, the ``labeled`` with the smallest hashes train (None = all); for ``ss``, at most
     ``unlabeled`` unlabelled squares with the smallest hashes join (None = all).
     """
     if not 0 <= test_fraction < 1:
@@ -71,9 +71,10 @@ def make_split(
     if supervision == "ss":
         unl = np.flatnonzero(~labelled)
         unl = unl[np.argsort(u[unl], kind="stable")]
-        n_unl = len(unl) if unlabeled is None else unlabeled
-        if not 0 <= n_unl <= len(unl):
-            raise InputError(path, f"unlabeled {n_unl}: only {len(unl)} unlabelled squares exist")
+        if unlabeled is not None and unlabeled < 0:
+            raise InputError(path, f"unlabeled must be >= 0, got {unlabeled}")
+        # At most ``unlabeled``: a facility with fewer unlabelled squares still trains.
+        n_unl = len(unl) if unlabeled is None else min(unlabeled, len(unl))
         role[unl[:n_unl]] = "unlabelled"
     return pd.DataFrame(
         {"grid_id": table["grid_id"].to_numpy(), "square_id": table["square_id"], "role": role}

@@ -58,6 +58,8 @@ class PhaseConfig:
     losses: tuple[str, ...]
     lr: float = 1e-3
     epochs: int = 1
+    # Weight of each loss in ``losses`` (empty: all 1).
+    weights: tuple[float, ...] = ()
 
 
 @dataclass
@@ -133,17 +135,35 @@ _ATTR_CLASSIFIERS = tuple(f"{a}.classifier" for a in ATTRIBUTE_BRANCHES)
 _ATTR_DECODERS = tuple(f"{a}.decoder" for a in ATTRIBUTE_BRANCHES)
 
 
-def phases_for(variant: str, lr: float = 1e-3, fusion_passes: int = 1) -> tuple[PhaseConfig, ...]:
+def phases_for(
+    variant: str,
+    lr: float = 1e-3,
+    fusion_passes: int = 1,
+    *,
+    recon_weight: float = 1.0,
+    attribute_weight: float = 1.0,
+    autoencoder_passes: int = 1,
+) -> tuple[PhaseConfig, ...]:
     """The training phases of a variant, in the order they run each epoch.
 
     ``fusion_passes``: passes of the fusion phase per epoch (it sees only labelled squares, so
-    one pass is a handful of steps).
+    one pass is a handful of steps); ``autoencoder_passes``: of the attribute autoencoder
+    phase. ``recon_weight`` weighs the primary reconstruction loss against the supervised
+    ones in phase 1, ``attribute_weight`` the attribute branches' supervised loss.
     """
-    if fusion_passes < 1:
-        raise InputError("fusion_passes", f"must be at least 1, got {fusion_passes}")
+    if fusion_passes < 1 or autoencoder_passes < 1:
+        raise InputError(
+            "fusion_passes", f"passes must be at least 1, got {fusion_passes}/{autoencoder_passes}"
+        )
     if variant == "primary":
         return (
-            PhaseConfig("primary", _PRIMARY, ("primary_supervised", "primary_reconstruction"), lr),
+            PhaseConfig(
+                "primary",
+                _PRIMARY,
+                ("primary_supervised", "primary_reconstruction"),
+                lr,
+                weights=(1.0, recon_weight),
+            ),
         )
     if variant == "xcryonet":
         return (
@@ -153,6 +173,7 @@ def phases_for(variant: str, lr: float = 1e-3, fusion_passes: int = 1) -> tuple[
                 _PRIMARY + _ATTR_FEATURES + _ATTR_CLASSIFIERS,
                 ("primary_supervised", "primary_reconstruction", "attribute_supervised"),
                 lr,
+                weights=(1.0, recon_weight, attribute_weight),
             ),
             # (2) Attribute autoencoders only, on their reconstruction loss.
             PhaseConfig(
@@ -160,6 +181,7 @@ def phases_for(variant: str, lr: float = 1e-3, fusion_passes: int = 1) -> tuple[
                 _ATTR_FEATURES + _ATTR_DECODERS,
                 ("attribute_reconstruction",),
                 lr,
+                autoencoder_passes,
             ),
             # (3) Fusion only, on the fusion (supervised) loss.
             PhaseConfig("fusion", ("fusion",), ("fusion_supervised",), lr, fusion_passes),
@@ -179,7 +201,11 @@ def phase_loss(
     decoders = {d for name in phase.losses for d in LOSSES[name][1]}
     out = model(x, reconstruct=decoders)
     parts = {name: LOSSES[name][0](out, x, y) for name in phase.losses}
-    total = sum(parts.values(), torch.zeros((), device=x.device))
+    weights = phase.weights or (1.0,) * len(phase.losses)
+    total = sum(
+        (w * v for w, v in zip(weights, parts.values(), strict=True)),
+        torch.zeros((), device=x.device),
+    )
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
@@ -621,7 +647,14 @@ def train(
         lab, unl, test = (np.asarray(r, np.int64) for r in rows)
         if len(lab) == 0:
             raise InputError(labels_csv, "the split has no labelled training square")
-    phases = phases_for(variant, cfg.lr, fusion_pass_count(cfg, len(lab)))
+    phases = phases_for(
+        variant,
+        cfg.lr,
+        fusion_pass_count(cfg, len(lab)),
+        recon_weight=cfg.recon_weight,
+        attribute_weight=cfg.attribute_weight,
+        autoencoder_passes=cfg.autoencoder_passes,
+    )
     train_rows = np.concatenate([lab, unl])
     train_set = load_squares_set(
         squares_dir, table.iloc[train_rows], model_cfg, np.arange(len(train_rows)) < len(lab)

@@ -1,0 +1,1 @@
+"""Prefect flows over the xcryonet stage functions (see flows.py)."""

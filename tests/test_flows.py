@@ -1,0 +1,177 @@
+"""Prefect flows: tasks through .fn(), flows under one session-scoped test harness, and one
+integration test against a real `prefect server` with a cron-scheduled deployment."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_train import TINY_MODEL, write_dataset
+
+from pipelines import flows
+from xcryonet.config import Params, TrainConfig, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _params_file(path: Path, tracking_uri: str) -> Path:
+    import yaml
+
+    params = to_dict(
+        Params(
+            model=TINY_MODEL,
+            train=TrainConfig(epochs=2, batch_size=6, seed=3, test_fraction=0.3, progress=False),
+        )
+    )
+    params["mlflow"]["tracking_uri"] = tracking_uri
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture(scope="session")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
+
+def test_changes_task_reads_dvc_status(tmp_path):
+    sh = lambda *a: subprocess.run(a, cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    sh("git", "init", "-q")
+    sh(sys.executable, "-m", "dvc", "init", "-q")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "labels.csv").write_text("grid_id,x_um,y_um\n")
+    sh(sys.executable, "-m", "dvc", "add", "-q", "data")
+    assert flows.changes_task.fn(str(tmp_path)) == {"data": [], "stages": []}
+    (tmp_path / "data" / "labels.csv").write_text("grid_id,x_um,y_um\ng,1,2\n")
+    assert flows.changes_task.fn(str(tmp_path))["data"] == ["data.dvc"]
+
+
+def test_retry_condition_skips_bad_input():
+    from prefect.states import Failed
+
+    from xcryonet.errors import InputError
+
+    bad = Failed(data=InputError("labels.csv", "line 3: bad score"))
+    flaky = Failed(data=OSError("disk busy"))
+    assert flows._retry_unless_bad_input(None, None, bad) is False
+    assert flows._retry_unless_bad_input(None, None, flaky) is True
+
+
+def test_train_flow_runs_every_stage_and_registers(harness, tmp_path):
+    squares, labels = write_dataset(tmp_path, n_per_grid=(20, 18), labelled_every=1)
+    params = _params_file(tmp_path / "params.yaml", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    env_uri = os.environ.pop("MLFLOW_TRACKING_URI")
+    try:
+        result = flows.train_flow(
+            str(squares), str(labels), str(tmp_path / "run"), params_path=str(params)
+        )
+    finally:
+        os.environ["MLFLOW_TRACKING_URI"] = env_uri
+    assert result["registry"]["promoted"] and result["registry"]["version"] == "1"
+    assert (tmp_path / "run" / "eval" / "metrics.json").exists()
+    assert (tmp_path / "mlruns.db").exists()
+
+
+def test_extract_flow_extracts_in_parallel_and_isolates_a_bad_grid(harness, tmp_path):
+    from xcryonet.config import SimulateConfig
+    from xcryonet.stages import simulate
+
+    cfg = SimulateConfig(n_grids=2, squares_per_grid=30, workers=1)
+    simulate(cfg, out_dir=str(tmp_path / "raw"), labels_path=str(tmp_path / "l.csv"),
+             truth_dir=str(tmp_path / "truth"))  # fmt: skip
+    grids = sorted(str(p) for p in (tmp_path / "raw").iterdir())
+    bad = tmp_path / "raw" / "broken.mrc"
+    bad.write_bytes(b"not an mrc")
+    result = flows.extract_flow([*grids, str(bad)], out=str(tmp_path / "squares"))
+    assert sorted(g["grid_id"] for g in result["grids"]) == ["grid01", "grid02"]
+    assert len(result["failed"]) == 1 and "broken.mrc" in result["failed"][0]
+    assert not (tmp_path / "squares" / "broken").exists()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url, proc, log, timeout=90):
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            assert proc.poll() is None, Path(log).read_text()[-3000:]
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer in {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_scheduled_retrain_deployment_on_a_real_server(tmp_path):
+    """`prefect server start` on 127.0.0.1, `python -m pipelines.serve` with a cron schedule,
+    a triggered run of the deployment completes (nothing changed: it says so)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    sh = lambda *a: subprocess.run(a, cwd=repo, check=True, capture_output=True)  # noqa: E731
+    sh("git", "init", "-q")
+    sh(sys.executable, "-m", "dvc", "init", "-q")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PYTHONPATH": str(ROOT),
+    }
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    logs = tmp_path / "server.log", tmp_path / "serve.log"
+    handles = [open(log, "w") for log in logs]  # noqa: SIM115
+    server = subprocess.Popen(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=handles[0], stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    served = None
+    try:
+        _wait_http(f"{api}/health", server, logs[0], timeout=120)
+        served = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.serve", "--cron", "0 2 * * *", "--repo", str(repo)],
+            env=env, cwd=ROOT, stdout=handles[1], stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.time() + 90
+        while True:  # the served deployment registers itself a few seconds after start
+            inspect = subprocess.run(
+                [prefect, "deployment", "inspect", "retrain/nightly"],
+                env=env, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            if inspect.returncode == 0 or time.time() > deadline:
+                break
+            assert served.poll() is None, Path(logs[1]).read_text()[-3000:]
+            time.sleep(1)
+        assert "0 2 * * *" in inspect.stdout, inspect.stdout + inspect.stderr
+        run = subprocess.run(
+            [prefect, "deployment", "run", "retrain/nightly", "--watch", "--watch-timeout", "150"],
+            env=env, capture_output=True, text=True, timeout=200,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr + Path(logs[1]).read_text()[-3000:]
+        assert "Completed" in run.stdout, run.stdout
+        assert "nothing changed" in Path(logs[1]).read_text()
+    finally:
+        for proc in (served, server):
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        for handle in handles:
+            handle.close()
