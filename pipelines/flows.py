@@ -40,25 +40,29 @@ def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-RETRY = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": _retry_unless_bad_input}
+def retrying_task(**kwargs: Any) -> Any:
+    """``@task`` with two retries, 5 s apart, that never retries bad input."""
+    return task(
+        retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_bad_input, **kwargs
+    )
 
 
 def _params(params_path: str, overrides: list[str] | None) -> Params:
     return load_params(params_path, list(overrides or []))
 
 
-@task(**RETRY, task_run_name="extract {atlas}")
+@retrying_task(task_run_name="extract {atlas}")
 def extract_grid_task(atlas: str, out_root: str, params_path: str = "params.yaml") -> dict:
     """One grid: ``stages.extract_grid``."""
     return stages.extract_grid(Path(atlas), Path(out_root), _params(params_path, None).extract)
 
 
-@task(**RETRY)
+@retrying_task()
 def dataset_task(squares: str, labels: str, out: str, params: Params) -> dict:
     return stages.make_dataset(Path(squares), Path(labels), Path(out), params)
 
 
-@task(**RETRY)
+@retrying_task()
 def train_task(squares: str, labels: str, split: str, out: str, params: Params) -> dict:
     pc = params.pipeline
     result = stages.train_model(
@@ -76,7 +80,7 @@ def train_task(squares: str, labels: str, split: str, out: str, params: Params) 
     return result
 
 
-@task(**RETRY)
+@retrying_task()
 def evaluate_task(
     model: str, squares: str, labels: str, split: str, out: str, params: Params
 ) -> dict:
@@ -85,14 +89,14 @@ def evaluate_task(
     )
 
 
-@task(**RETRY)
+@retrying_task()
 def register_task(model: str, squares: str, labels: str, split: str, params: Params) -> dict:
     return stages.register_model(
         Path(model), Path(squares), Path(labels), Path(split), params, Path(model) / "registry.json"
     )
 
 
-@task(**RETRY)
+@retrying_task()
 def tune_task(
     squares: str, labels: str, split: str, out: str, params: Params, trials: int, workers: int
 ) -> dict:
