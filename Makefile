@@ -10,7 +10,7 @@ export MALLOC_TRIM_THRESHOLD_ := 4294967296
 # dvc.yaml stage commands call `xcryonet`; put the venv first on PATH for them.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test lint install clean-demo
+.PHONY: demo test lint install clean-demo mlflow-ui prefect-server retrain-serve
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,17 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+## Browse the runs and the registry of the project's store (127.0.0.1 only).
+mlflow-ui: $(BIN)/.installed
+	$(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlruns.db --host 127.0.0.1 --port 5000
+
+## A local Prefect server (127.0.0.1:4200), and the nightly retraining served against it.
+prefect-server: $(BIN)/.installed
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+retrain-serve: $(BIN)/.installed
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/python -m pipelines.serve --repo $(CURDIR)
 
 clean-demo:
 	rm -rf data squares dataset models eval registry.json

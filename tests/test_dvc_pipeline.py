@@ -79,6 +79,16 @@ def test_repro_runs_every_stage_and_registers(repo):
     registry = json.loads((repo / "registry.json").read_text())
     assert registry["promoted"] and registry["version"] == "1"
     assert (repo / "mlruns.db").exists()
+    # The training run in the project's own store holds the atlas overviews and the gallery.
+    import mlflow
+
+    run_id = json.loads((repo / "models" / "current" / "mlflow.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlruns.db'}")
+    overviews = {a.path for a in client.list_artifacts(run_id, "overviews")}
+    assert overviews == {"overviews/grid01", "overviews/grid02"}
+    assert "figures/attention_gallery.png" in {
+        a.path for a in client.list_artifacts(run_id, "figures")
+    }
     # Nothing left to do, and the train stage lists only its own params.
     assert "up to date" in sh(*dvc, "status", cwd=repo).stdout
     train_params = lock["stages"]["train"]["params"]["params.yaml"]

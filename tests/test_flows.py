@@ -134,13 +134,13 @@ def test_scheduled_retrain_deployment_on_a_real_server(tmp_path):
         "PYTHONPATH": str(ROOT),
     }
     prefect = str(Path(sys.executable).with_name("prefect"))
-    logs = tmp_path / "server.log", tmp_path / "serve.log"
+    logs = tmp_path / "server.log", tmp_path / "serve.log", tmp_path / "worker.log"
     handles = [open(log, "w") for log in logs]  # noqa: SIM115
     server = subprocess.Popen(
         [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=handles[0], stderr=subprocess.STDOUT,
     )  # fmt: skip
-    served = None
+    served = worker = None
     try:
         _wait_http(f"{api}/health", server, logs[0], timeout=120)
         served = subprocess.Popen(
@@ -165,8 +165,27 @@ def test_scheduled_retrain_deployment_on_a_real_server(tmp_path):
         assert run.returncode == 0, run.stdout + run.stderr + Path(logs[1]).read_text()[-3000:]
         assert "Completed" in run.stdout, run.stdout
         assert "nothing changed" in Path(logs[1]).read_text()
+
+        # The same flow through a work pool: the server holds the deployment, a process
+        # worker (one per machine, in production) picks up its run.
+        def cli(*args, **kw):
+            return subprocess.run(args, env=env, capture_output=True, text=True, timeout=120, **kw)
+
+        made = cli(prefect, "work-pool", "create", "cpu", "--type", "process")
+        assert made.returncode == 0, made.stdout + made.stderr
+        deployed = cli(sys.executable, "-m", "pipelines.deploy", "--pool", "cpu",
+                       "--repo", str(repo), cwd=ROOT)  # fmt: skip
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        worker = subprocess.Popen(
+            [prefect, "worker", "start", "--pool", "cpu"],
+            env=env, cwd=ROOT, stdout=handles[2], stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        run = cli(prefect, "deployment", "run", "retrain/nightly-pool", "--watch",
+                  "--watch-timeout", "150")  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr + Path(logs[2]).read_text()[-3000:]
+        assert "Completed" in run.stdout, run.stdout
     finally:
-        for proc in (served, server):
+        for proc in (worker, served, server):
             if proc is not None:
                 proc.terminate()
                 try:

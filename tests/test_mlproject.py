@@ -27,7 +27,10 @@ def test_train_and_evaluate_entry_points(tmp_path):
     params_file.write_text(yaml.safe_dump(to_dict(params)))
     make_dataset(squares, labels, tmp_path / "dataset", params)
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    # In-process MLflow calls of other tests leave MLFLOW_EXPERIMENT_ID set; a user's shell
+    # would not have it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_EXPERIMENT")}
+    env["MLFLOW_TRACKING_URI"] = uri
     exe = str(Path(sys.executable).with_name("mlflow"))
     common = ["--env-manager", "local", "--experiment-name", "xcryonet"]
     split = tmp_path / "dataset" / "split.csv"

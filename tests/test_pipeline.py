@@ -104,10 +104,20 @@ def test_tracked_run_logs_params_curves_and_a_servable_model(tracked):
     history = client.get_metric_history(info["run_id"], "val_mae/overall")
     assert [m.step for m in history] == [1, 2]
     assert client.get_metric_history(info["run_id"], "loss/fusion/fusion_supervised")
-    # The split's test squares are the ones held out.
+    # The split's test squares are the ones held out, and the model folder records its split.
     table = read_table(squares, labels)
     _, _, test = rows_from_split(table, read_split(split), split)
     assert result["test"] == len(test)
+    mine = read_split(root / "m1" / "split.csv")
+    theirs = read_split(split)
+    for role in ("train", "test", "unlabelled"):
+        pick = lambda s, r=role: set(map(tuple, s[s["role"] == r][["grid_id", "square_id"]].values))  # noqa: E731
+        assert pick(mine) == pick(theirs), role
+    # The run's artifacts: the resolved params, the model and the pictures.
+    top = {a.path for a in client.list_artifacts(info["run_id"])}
+    assert "params.json" in top
+    figures = {a.path for a in client.list_artifacts(info["run_id"], "figures")}
+    assert {"figures/attention_gallery.png", "figures/pred_vs_true.png"} <= figures
     # The logged pt2 model takes crops of any size and agrees with our own predictor.
     served = mlflow.pyfunc.load_model(info["model_uri"])
     model, _ = load_model(root / "m1")
@@ -262,6 +272,54 @@ def test_mlflow_models_serve_answers_a_rest_request(tracked):
             model, _ = load_model(folder)
         assert got.shape == (2, 5)
         assert np.allclose(got, predict(model, crops[:, 0]), atol=1e-4)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_mlflow_server_on_localhost_browses_the_same_store(tracked):
+    """The README's `mlflow server` (SQLite backend, 127.0.0.1) lists the tracked run and
+    serves its artifacts, as the UI shows them."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    root, _, _, _, params, _ = tracked
+    port = _free_port()
+    exe = Path(sys.executable).with_name("mlflow")
+    cmd = [str(exe), "server", "--backend-store-uri", tracking.tracking_uri(params.mlflow),
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    log = open(root / "ui.log", "w")  # noqa: SIM115
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                assert server.poll() is None, (root / "ui.log").read_text()[-3000:]
+                assert time.time() < deadline, "mlflow server did not come up"
+                time.sleep(0.5)
+        run_id = json.loads((root / "m1" / "mlflow.json").read_text())["run_id"]
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}") as r:
+            run = json.loads(r.read())["run"]
+        assert run["info"]["run_id"] == run_id
+        url = f"{base}/get-artifact?path=params.json&run_uuid={run_id}"
+        with urllib.request.urlopen(url) as r:
+            assert json.loads(r.read())["model"]["width"] == 4
+        with urllib.request.urlopen(base + "/") as r:
+            assert r.status == 200 and b"<html" in r.read().lower()
     finally:
         server.terminate()
         try:

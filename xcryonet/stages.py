@@ -407,12 +407,42 @@ def train_model(
             }
         )
         mlflow.set_tag("labeled", str(metrics["labeled"]))
+        mlflow.log_dict(to_dict(params), "params.json")  # the resolved config, every section
         model_uri = tracking.log_model(Path(out_dir))
         info = {"run_id": logger.run_id, "experiment_id": logger.experiment_id}
         info["model_uri"] = model_uri
         info["tracking_uri"] = tracking.tracking_uri(params.mlflow)
         tracking.write_run_file(Path(out_dir), info)
+    # The run's pictures (attention gallery, predicted vs true, learning curves, overviews),
+    # on the squares this run held out.
+    used = write_model_split(Path(out_dir))
+    if (used["role"] == "test").any():
+        evaluate_model(
+            Path(out_dir),
+            squares_dir,
+            labels_csv,
+            split_csv=Path(out_dir) / SPLIT_CSV,
+            out_dir=Path(out_dir) / "report",
+            params=params,
+        )
     return {**metrics, "mlflow": info}
+
+
+def write_model_split(model_dir: Path) -> pd.DataFrame:
+    """Write ``model_dir/split.csv``: the roles of the squares the model trained and was
+    tested on, read from its checkpoint. Returns the table."""
+    from xcryonet.io.atomic import atomic_write_text
+    from xcryonet.train import MODEL_FILE, load_checkpoint
+
+    run = load_checkpoint(Path(model_dir) / MODEL_FILE)["run"]
+    n_lab = int(run["labeled"])
+    keys = list(run["train_keys"]) + list(run["test_keys"])
+    roles = ["train"] * n_lab + ["unlabelled"] * (len(run["train_keys"]) - n_lab)
+    roles += ["test"] * len(run["test_keys"])
+    grid, square = zip(*(k.rsplit("/", 1) for k in keys), strict=True) if keys else ((), ())
+    split = pd.DataFrame({"grid_id": grid, "square_id": [int(s) for s in square], "role": roles})
+    atomic_write_text(Path(model_dir) / SPLIT_CSV, split.to_csv(index=False))
+    return split
 
 
 def evaluate_model(

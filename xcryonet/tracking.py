@@ -52,13 +52,17 @@ def tracking_uri(cfg: MlflowConfig) -> str:
     return uri
 
 
-def artifact_location(cfg: MlflowConfig) -> str:
+def artifact_location(cfg: MlflowConfig) -> str | None:
     """Where a new experiment keeps its artifacts: ``cfg.artifact_root`` as given when it is a
-    URI; a relative folder sits beside a SQLite store's file (else in the current folder)."""
+    URI; a relative folder sits beside a SQLite store's file (else in the current folder).
+    None for a tracking server (``http(s)://``): the server's ``--artifacts-destination``
+    decides, and clients upload through it."""
     root = cfg.artifact_root
     if "://" in root:
         return root
     uri = tracking_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        return None
     base = Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else Path(".")
     return (base / root).resolve().as_uri()
 

@@ -585,7 +585,8 @@ def _model_record(model: XCryoNet, run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _load(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint or model file we wrote (weights only: plain data, no code)."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -676,7 +677,7 @@ def train(
     val_history: list[dict[str, float | None]] = []
     ckpt_path = out_dir / CHECKPOINT
     if resume and ckpt_path.exists():
-        ckpt = _load(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path)
         saved = (ckpt.get("variant"), ckpt.get("model_cfg"), ckpt.get("run"))
         if saved != (variant, asdict(model_cfg), run):
             raise InputError(
@@ -758,7 +759,7 @@ def train(
 def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[XCryoNet, ModelConfig]:
     """Rebuild a trained model from ``model_dir/model.pt`` (eval mode, frozen)."""
     path = Path(model_dir) / MODEL_FILE
-    rec = _load(path)
+    rec = load_checkpoint(path)
     known = {f.name for f in fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in rec["model_cfg"].items() if k in known})
     model = build_model(str(rec["variant"]), cfg)

@@ -1,0 +1,83 @@
+"""When one machine is not enough: the pieces exercised on this machine.
+
+MLflow as a tracking server with a database backend and remote artifacts: clients speak HTTP
+only, and the run's artifacts land in the server's --artifacts-destination.
+(Optuna workers sharing one RDB study: tests/test_tune.py; a Prefect work pool with a process
+worker: tests/test_flows.py.)"""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_train import TINY_MODEL, write_dataset
+
+from xcryonet import tracking
+from xcryonet.config import MlflowConfig, Params, TrainConfig
+from xcryonet.stages import evaluate_model, make_dataset, register_model, train_model
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tracking_server_with_database_backend_and_remote_artifacts(tmp_path, monkeypatch):
+    squares, labels = write_dataset(tmp_path, n_per_grid=(24, 22), labelled_every=1)
+    store, artifacts = tmp_path / "server" / "mlflow.db", tmp_path / "server" / "artifacts"
+    store.parent.mkdir()
+    port = _free_port()
+    exe = Path(sys.executable).with_name("mlflow")
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115
+    server = subprocess.Popen(
+        [str(exe), "server", "--backend-store-uri", f"sqlite:///{store}",
+         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+                assert time.time() < deadline, "mlflow server did not come up"
+                time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        params = Params(
+            model=TINY_MODEL,
+            train=TrainConfig(epochs=2, batch_size=6, seed=3, test_fraction=0.3, progress=False),
+            mlflow=MlflowConfig(),
+        )
+        assert tracking.artifact_location(params.mlflow) is None  # the server decides
+        make_dataset(squares, labels, tmp_path / "dataset", params)
+        split = tmp_path / "dataset" / "split.csv"
+        result = train_model(squares, labels, tmp_path / "m", params, split_csv=split, track=True)
+        assert result["mlflow"]["tracking_uri"] == uri
+        # The client wrote nothing locally; the server holds the artifacts.
+        assert not (tmp_path / "mlartifacts").exists()
+        stored = {p.name for p in artifacts.rglob("*") if p.is_file()}
+        assert {"model.pt", "params.json", "attention_gallery.png"} <= stored
+        # Registry and registry URIs work through the server too.
+        reg = register_model(tmp_path / "m", squares, labels, split, params)
+        assert reg["promoted"]
+        via = evaluate_model("models:/xcryonet@champion", squares, labels, split_csv=split,
+                             params=params)  # fmt: skip
+        assert via["mae"] == json.loads(json.dumps(result["test_mae"]))
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
