@@ -81,3 +81,35 @@ def test_tracking_server_with_database_backend_and_remote_artifacts(tmp_path, mo
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def test_distributed_data_parallel_two_processes_matches_one(tmp_path):
+    """torch DDP, gloo on CPU, 2 processes: each takes half of every batch and the gradients
+    are averaged, so the model ends close to where one process on whole batches ends. Not
+    bit-equal: each rank's masked loss is the mean over its own labels, and the halves of a
+    batch need not hold as many labels each."""
+    import torch
+
+    from xcryonet.distributed import train_distributed
+    from xcryonet.train import load_model, train
+
+    squares, labels = write_dataset(tmp_path, n_per_grid=(24, 22), labelled_every=2)
+    cfg = TrainConfig(epochs=2, batch_size=8, seed=3, test_fraction=0.3, progress=False,
+                      augment=True, threads=1)  # fmt: skip
+    kw = dict(variant="xcryonet", supervision="ss")
+    one = train(squares, labels, tmp_path / "one", cfg, model_cfg=TINY_MODEL, **kw)
+    two = train_distributed(
+        squares, labels, tmp_path / "two", cfg, model_cfg=TINY_MODEL, world_size=2, **kw
+    )
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert two["test"] == one["test"] and two["labeled"] == one["labeled"]
+    a, _ = load_model(tmp_path / "one")
+    b, _ = load_model(tmp_path / "two")
+    diffs = [
+        float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True)
+    ]
+    assert max(diffs) < 0.02, max(diffs)
+    for k, v in one["test_mae"].items():
+        assert abs(two["test_mae"][k] - v) < 0.02, k
+    assert (tmp_path / "two" / "checkpoint.pt").exists()
+    assert torch.load(tmp_path / "two" / "model.pt", weights_only=True)["variant"] == "xcryonet"

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-track", dest="track", action="store_false", help="do not log the run to MLflow"
     )
     p.add_argument("--run-name", help="MLflow run name (default: VARIANT-SUPERVISION)")
+    p.add_argument(
+        "--nproc", type=int, default=1, help="DistributedDataParallel processes (gloo, CPU)"
+    )
 
     p = sub.add_parser("dataset", help="join labels to squares and write the stable split")
     _add_params(p)
@@ -235,6 +238,7 @@ def _run(args: argparse.Namespace) -> int:
             split_csv=Path(args.split) if args.split else None,
             track=args.track,
             run_name=args.run_name,
+            nproc=args.nproc,
         )
         result.pop("curve", None)  # in metrics.json; too long for the terminal
         _print_json(result)

@@ -348,20 +348,47 @@ def train_model(
     track: bool = False,
     run_name: str | None = None,
     on_epoch: Any = None,
+    nproc: int = 1,
 ) -> dict[str, Any]:
     """Train a variant on extracted squares and operator labels; see ``xcryonet.train.train``.
 
     ``split_csv``: the roles from the ``dataset`` stage instead of a random split (``labeled``
     and ``unlabeled`` are then the split's). ``track``: log the run and the model to MLflow
     and write ``out_dir/mlflow.json``. ``on_epoch``: an extra per-epoch callback.
+    ``nproc`` > 1: DistributedDataParallel over that many local processes
+    (``xcryonet.distributed``); the per-epoch callbacks then run when training ends.
     """
-    from xcryonet.train import train
+    from xcryonet.train import EpochRecord, train
 
     rows = None
     if split_csv is not None:
         _, rows = _split_rows(squares_dir, labels_csv, split_csv)
 
     def run(callback: Any) -> dict[str, Any]:
+        if nproc > 1:
+            from xcryonet.distributed import train_distributed
+
+            metrics = train_distributed(
+                squares_dir,
+                labels_csv,
+                out_dir,
+                params.train,
+                model_cfg=params.model,
+                world_size=nproc,
+                variant=variant,
+                supervision=supervision,
+                labeled=labeled,
+                unlabeled=unlabeled,
+                rows=rows,
+            )
+            for rec in metrics["curve"] if callback is not None else []:
+                seconds = metrics["train_seconds"] * rec["epoch"] / max(len(metrics["curve"]), 1)
+                callback(
+                    EpochRecord(
+                        rec["epoch"], metrics["epochs"], rec["losses"], rec["val_mae"], seconds
+                    )
+                )
+            return metrics
         return train(
             squares_dir,
             labels_csv,

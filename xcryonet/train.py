@@ -477,15 +477,28 @@ def run_phase(
     fraction = cfg.labelled_fraction if phase_mixes(phase) else 0.0
     set_trainable(model, phase.trainable)
     model.train()
+    net: torch.nn.Module = model
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Data parallel: every rank draws the same batches (same generator) and takes its
+        # share; DistributedDataParallel averages the gradients of this phase's parameters.
+        from torch.nn.parallel import DistributedDataParallel
+
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        net = DistributedDataParallel(model, find_unused_parameters=True)
     sums: dict[str, float] = {}
     n = 0
     for _ in range(phase.epochs):
         for idx in phase_batches(labelled, unlabelled, cfg.batch_size, fraction, gen):
             x = data.x[idx].float()
+            # Augment the whole batch on every rank, so the generators stay in step.
             x = augment(x, gen, flips=cfg.augment, noise=cfg.noise)
-            x, y = x.to(device), data.y[idx].to(device)
+            y = data.y[idx]
+            if world > 1:
+                x, y = x[rank::world], y[rank::world]
+            x, y = x.to(device), y.to(device)
             with autocast(device, cfg.amp):
-                loss, parts = phase_loss(model, phase, x, y)
+                loss, parts = phase_loss(net, phase, x, y)  # type: ignore[arg-type]
             model.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -612,6 +625,7 @@ def train(
     resume: bool = True,
     rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    rank: int = 0,
 ) -> dict[str, Any]:
     """Train a variant and write ``out_dir/{checkpoint.pt, model.pt, metrics.json}``.
 
@@ -624,6 +638,8 @@ def train(
     ``on_epoch``: called after every epoch's checkpoint is written, with the epoch's losses and
     validation MAE (MLflow logging, Optuna pruning); an exception there stops training with
     the checkpoint intact, so the run resumes.
+    ``rank``: this process's rank when ``torch.distributed`` is initialised (see
+    ``xcryonet.distributed``): only rank 0 writes files, shows progress and calls ``on_epoch``.
     """
     cfg = cfg or TrainConfig()
     model_cfg = model_cfg or ModelConfig()
@@ -700,7 +716,8 @@ def train(
         for opt in optimizers.values():
             for group in opt.param_groups:
                 group["lr"] = epoch_lr(cfg, epoch)
-        with tqdm(total=total, desc=desc, unit="sq", disable=not cfg.progress, leave=False) as bar:
+        show = cfg.progress and rank == 0
+        with tqdm(total=total, desc=desc, unit="sq", disable=not show, leave=False) as bar:
             losses = {
                 ph.name: run_phase(
                     model,
@@ -728,9 +745,10 @@ def train(
             "val_history": val_history,
             "seconds": seconds,
         }
-        with atomic_path(ckpt_path) as tmp:
-            torch.save(ckpt, tmp)
-        if on_epoch is not None:
+        if rank == 0:
+            with atomic_path(ckpt_path) as tmp:
+                torch.save(ckpt, tmp)
+        if on_epoch is not None and rank == 0:
             on_epoch(EpochRecord(epoch + 1, cfg.epochs, losses, val_history[-1], seconds))
 
     set_trainable(model, [])
@@ -741,6 +759,11 @@ def train(
         "unlabeled": len(unl),
         "test": len(test),
         "epochs": cfg.epochs,
+        "world_size": (
+            torch.distributed.get_world_size()
+            if torch.distributed.is_available() and torch.distributed.is_initialized()
+            else 1
+        ),
         "test_mae": evaluate(model, test_set) if len(test) else {},
         "test_mae_rounded": evaluate(model, test_set, round_scores=True) if len(test) else {},
         "final_losses": history[-1] if history else {},
@@ -750,9 +773,10 @@ def train(
             for k, (h, v) in enumerate(zip(history, val_history, strict=False))
         ],
     }
-    with atomic_path(out_dir / MODEL_FILE) as tmp:
-        torch.save(_model_record(model, run), tmp)
-    atomic_write_text(out_dir / METRICS, json.dumps(metrics, indent=2) + "\n")
+    if rank == 0:
+        with atomic_path(out_dir / MODEL_FILE) as tmp:
+            torch.save(_model_record(model, run), tmp)
+        atomic_write_text(out_dir / METRICS, json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
