@@ -16,6 +16,7 @@ retries for the transient failures a facility sees (a busy disk, a locked databa
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,8 +54,9 @@ def _params(params_path: str, overrides: list[str] | None) -> Params:
 
 @retrying_task(task_run_name="extract {atlas}")
 def extract_grid_task(atlas: str, out_root: str, params_path: str = "params.yaml") -> dict:
-    """One grid: ``stages.extract_grid``."""
-    return stages.extract_grid(Path(atlas), Path(out_root), _params(params_path, None).extract)
+    """One grid: ``stages.extract_grid``; ``pid`` says which process ran it."""
+    result = stages.extract_grid(Path(atlas), Path(out_root), _params(params_path, None).extract)
+    return {**result, "pid": os.getpid()}
 
 
 @retrying_task()
@@ -159,6 +161,21 @@ def extract_flow(grids: list[str], out: str = "squares", params_path: str = "par
         else:
             failed.append(f"{g}: {fut.state.message}")
     return {"grids": done, "failed": failed}
+
+
+def extract_flow_on_dask(address: str | None = None, n_workers: int = 2) -> Any:
+    """``extract_flow`` on a Dask cluster: the scheduler at ``address`` (workers on many
+    machines, each with the project installed), or a local cluster of ``n_workers`` processes.
+    Call the result like ``extract_flow``."""
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        runner = DaskTaskRunner(address=address)
+    else:
+        runner = DaskTaskRunner(
+            cluster_kwargs={"n_workers": n_workers, "threads_per_worker": 1, "processes": True}
+        )
+    return extract_flow.with_options(task_runner=runner)  # type: ignore[arg-type]
 
 
 @flow(name="train")

@@ -93,6 +93,22 @@ def test_extract_flow_extracts_in_parallel_and_isolates_a_bad_grid(harness, tmp_
     assert not (tmp_path / "squares" / "broken").exists()
 
 
+@pytest.mark.slow
+def test_extract_flow_on_a_local_dask_cluster(harness, tmp_path):
+    """The Dask task runner (prefect-dask): grids extracted in two worker processes."""
+    from xcryonet.config import SimulateConfig
+    from xcryonet.stages import simulate
+
+    cfg = SimulateConfig(n_grids=2, squares_per_grid=30, workers=1)
+    simulate(cfg, out_dir=str(tmp_path / "raw"), labels_path=str(tmp_path / "l.csv"),
+             truth_dir=str(tmp_path / "truth"))  # fmt: skip
+    grids = sorted(str(p) for p in (tmp_path / "raw").iterdir())
+    result = flows.extract_flow_on_dask(n_workers=2)(grids, out=str(tmp_path / "squares"))
+    assert sorted(g["grid_id"] for g in result["grids"]) == ["grid01", "grid02"]
+    assert os.getpid() not in {g["pid"] for g in result["grids"]}
+    assert all((tmp_path / "squares" / g / "crops.npz").exists() for g in ("grid01", "grid02"))
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
