@@ -6,6 +6,7 @@ only, and the run's artifacts land in the server's --artifacts-destination.
 worker: tests/test_flows.py.)"""
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -113,3 +114,64 @@ def test_distributed_data_parallel_two_processes_matches_one(tmp_path):
         assert abs(two["test_mae"][k] - v) < 0.02, k
     assert (tmp_path / "two" / "checkpoint.pt").exists()
     assert torch.load(tmp_path / "two" / "model.pt", weights_only=True)["variant"] == "xcryonet"
+
+
+def test_dvc_remote_on_an_s3_compatible_server(tmp_path):
+    """`dvc push` / `dvc pull` through DVC's S3 remote (dvc-s3), against moto's S3 server on
+    127.0.0.1: no cloud is reachable from here, and the protocol is the same."""
+    import os
+
+    import boto3
+
+    port = _free_port()
+    log = open(tmp_path / "s3.log", "w")  # noqa: SIM115
+    exe = Path(sys.executable).with_name("moto_server")
+    server = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                              stderr=subprocess.STDOUT)  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def sh(*args):
+        out = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, f"{args}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+        return out
+
+    dvc = [sys.executable, "-m", "dvc"]
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(endpoint, timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "s3.log").read_text()[-2000:]
+                assert time.time() < deadline, "moto_server did not come up"
+                time.sleep(0.3)
+        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")  # fmt: skip
+        s3.create_bucket(Bucket="facility")
+        sh("git", "init", "-q")
+        sh(*dvc, "init", "-q")
+        sh(*dvc, "remote", "add", "-d", "s3", "s3://facility/xcryonet")
+        sh(*dvc, "remote", "modify", "s3", "endpointurl", endpoint)
+        (repo / "data").mkdir()
+        labels = "grid_id,x_um,y_um,cracking,contamination,overall\ngrid01,1.0,2.0,0,1,3\n"
+        (repo / "data" / "labels.csv").write_text(labels)
+        sh(*dvc, "add", "-q", "data")
+        sh(*dvc, "push", "-q")
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="facility").get("Contents", [])]
+        assert keys and all(k.startswith("xcryonet/") for k in keys)
+        shutil.rmtree(repo / "data")
+        shutil.rmtree(repo / ".dvc" / "cache")
+        sh(*dvc, "pull", "-q")
+        assert (repo / "data" / "labels.csv").read_text() == labels
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
