@@ -116,8 +116,13 @@ def tune_task(
 
 
 def _dvc(repo: str, *args: str) -> subprocess.CompletedProcess[str]:
+    # The pipeline's own params.yaml picks the MLflow experiment, not whatever run or
+    # experiment this process had active.
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")
+    }
     return subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True
+        [sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True, env=env
     )
 
 

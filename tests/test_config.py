@@ -78,3 +78,24 @@ def test_bad_training_settings_are_clear_errors(tmp_path):
     ):
         with pytest.raises(InputError, match=word):
             load_params(None, [override])
+
+
+def test_paper_profile_gives_valid_overrides(tmp_path):
+    from pathlib import Path
+
+    from xcryonet.config import load_params, profile_overrides
+
+    root = Path(__file__).resolve().parents[1]
+    flags = profile_overrides(root / "profiles" / "paper.yaml")
+    assert "model.input_px=640" in flags and "train.epochs=75" in flags
+    params = load_params(root / "params.yaml", flags)
+    assert params.model.input_px == 640 and params.train.epochs == 75
+    assert params.extract == load_params(root / "params.yaml").extract  # only what it names
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochs: many}\n")
+    with pytest.raises(InputError, match="epochs must be an integer") as err:
+        profile_overrides(bad)
+    assert str(bad) in str(err.value)
+    bad.write_text("- not a mapping\n")
+    with pytest.raises(InputError, match="mapping of sections"):
+        profile_overrides(bad)

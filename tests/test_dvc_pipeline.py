@@ -95,6 +95,18 @@ def test_repro_runs_every_stage_and_registers(repo):
     assert "extract" not in train_params and "simulate" not in train_params
 
 
+def test_score_a_grid_with_the_champion_from_the_registry(repo):
+    import pandas as pd
+
+    repo, _, _ = repo
+    out = sh("xcryonet", "score", "data/raw/grid01", "--model", "models:/xcryonet@champion",
+             "--out", "targets.csv", "--nav", "targets.nav", "--top", "5", cwd=repo)  # fmt: skip
+    targets = pd.read_csv(repo / "targets.csv")
+    assert json.loads(out.stdout)["n_squares"] == len(targets) > 0
+    assert targets["rank"].min() == 1
+    assert (repo / "targets.nav").exists()
+
+
 def test_metrics_and_plots_show(repo):
     repo, dvc, _ = repo
     shown = json.loads(sh(*dvc, "metrics", "show", "--json", cwd=repo).stdout)
@@ -124,3 +136,26 @@ def test_push_and_pull_through_the_local_remote(repo):
     sh(*dvc, "pull", "-q", cwd=repo)
     assert (repo / "data" / "labels.csv").exists()
     assert "data.dvc" not in sh(*dvc, "status", cwd=repo).stdout
+
+
+def test_retrain_flow_retrains_on_corrected_labels_then_rests(repo, harness, monkeypatch):
+    """The scheduled job: an operator corrects a label; the flow records the new data version,
+    reproduces the pipeline and registers a challenger; run again, it has nothing to do."""
+    from pipelines.flows import retrain_flow
+
+    repo, dvc, _ = repo
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the repo's params.yaml decides
+    labels = repo / "data" / "labels.csv"
+    lines = labels.read_text().splitlines()
+    head, first = lines[0].split(","), lines[1].split(",")
+    k = head.index("overall")
+    first[k] = str((int(first[k]) + 2) % 5)  # the operator changes their mind
+    labels.write_text("\n".join([lines[0], ",".join(first), *lines[2:]]) + "\n")
+    before = json.loads((repo / "registry.json").read_text())["version"]
+    summary = retrain_flow(str(repo))
+    assert summary["changes"]["data"] == ["data.dvc"]
+    assert summary["action"].startswith("retrained")
+    assert int(summary["registry"]["version"]) == int(before) + 1
+    assert "up to date" in sh(*dvc, "status", cwd=repo).stdout
+    again = retrain_flow(str(repo))
+    assert again["action"] == "nothing changed; no retraining"

@@ -31,14 +31,6 @@ def _params_file(path: Path, tracking_uri: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
-        yield
-
-
 def test_changes_task_reads_dvc_status(tmp_path):
     sh = lambda *a: subprocess.run(a, cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
     sh("git", "init", "-q")
@@ -75,6 +67,22 @@ def test_train_flow_runs_every_stage_and_registers(harness, tmp_path):
     assert result["registry"]["promoted"] and result["registry"]["version"] == "1"
     assert (tmp_path / "run" / "eval" / "metrics.json").exists()
     assert (tmp_path / "mlruns.db").exists()
+
+
+def test_tune_flow_runs_a_study(harness, tmp_path, monkeypatch):
+    from xcryonet.config import load_params
+    from xcryonet.stages import make_dataset
+
+    squares, labels = write_dataset(tmp_path, n_per_grid=(24, 22), labelled_every=1)
+    params = _params_file(tmp_path / "params.yaml", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    sets = [f"tune.storage=sqlite:///{tmp_path / 'optuna.db'}", "tune.epochs=2"]
+    make_dataset(squares, labels, tmp_path / "dataset", load_params(params, sets))
+    result = flows.tune_flow(
+        str(squares), str(labels), str(tmp_path / "dataset" / "split.csv"),
+        str(tmp_path / "tune"), trials=2, params_path=str(params), overrides=sets,
+    )  # fmt: skip
+    assert result["trials"] == 2 and (tmp_path / "tune" / "best_params.yaml").exists()
 
 
 def test_extract_flow_extracts_in_parallel_and_isolates_a_bad_grid(harness, tmp_path):

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help="trials in all (default: tune.trials)")
     p.add_argument("--workers", type=int, default=1, help="processes sharing the study")
 
+    p = sub.add_parser("profile", help="print a params profile as `dvc exp run` -S flags")
+    p.add_argument("file", help="a partial params.yaml, e.g. profiles/paper.yaml")
+
     p = sub.add_parser("registry", help="show the registered models or roll champion back")
     _add_params(p)
     p.add_argument("action", choices=("show", "rollback"))
@@ -174,6 +177,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "labels":
         _print_json(stages.check_labels(Path(args.labels), Path(args.squares)))
+        return 0
+    if args.command == "profile":
+        from xcryonet.config import profile_overrides
+
+        print(" ".join(f"-S {o}" for o in profile_overrides(args.file)))
         return 0
     params = load_params(args.params, args.overrides)
     if args.command == "evaluate":

@@ -391,3 +391,27 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = 
                 raise InputError("--set", f"{text!r}: {k} is not a section")
         node[keys[-1]] = value
     return from_dict(Params, data, "", source)
+
+
+def profile_overrides(path: str | Path) -> list[str]:
+    """``section.key=value`` overrides of a params profile (a partial params.yaml), checked
+    against the config types. ``dvc exp run -S`` and ``--set`` take them as they are."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(path, "does not exist") from None
+    except yaml.YAMLError as err:
+        raise InputError(path, f"is not valid YAML ({err})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise InputError(path, "must be a mapping of sections, each a mapping of keys")
+    out = []
+    for section, values in data.items():
+        for key, value in values.items():
+            text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...")
+            out.append(f"{section}.{key}={text.strip()}")
+    try:
+        load_params(None, out)
+    except InputError as err:
+        raise InputError(path, err.problem) from None
+    return out
