@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help="trials in all (default: tune.trials)")
     p.add_argument("--workers", type=int, default=1, help="processes sharing the study")
 
+    p = sub.add_parser("dashboard", help="start the Streamlit dashboard on 127.0.0.1")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--address", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+
     p = sub.add_parser("profile", help="print a params profile as `dvc exp run` -S flags")
     p.add_argument("file", help="a partial params.yaml, e.g. profiles/paper.yaml")
 
@@ -178,6 +182,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "labels":
         _print_json(stages.check_labels(Path(args.labels), Path(args.squares)))
         return 0
+    if args.command == "dashboard":
+        import subprocess
+
+        app = Path(__file__).resolve().parents[1] / "dashboards" / "app.py"
+        if not app.exists():
+            raise InputError(app, "is missing: run the dashboard from a checkout of the project")
+        cmd = [sys.executable, "-m", "streamlit", "run", str(app),
+               "--server.address", args.address, "--server.port", str(args.port)]  # fmt: skip
+        return subprocess.call(cmd)
     if args.command == "profile":
         from xcryonet.config import profile_overrides
 

@@ -49,7 +49,7 @@ def render_overview(
     cols: Sequence[float] | np.ndarray,
     sizes: Sequence[float] | np.ndarray,
     *,
-    numbers: Sequence[int] | None = None,
+    numbers: Sequence[int | None] | None = None,
     scores: Sequence[float] | np.ndarray | None = None,
     angles_deg: Sequence[float] | np.ndarray | None = None,
     max_side: int = 2048,
@@ -59,7 +59,7 @@ def render_overview(
     Args:
         image: atlas (row, col), any float dtype; may be memory-mapped.
         rows, cols, sizes: square centres and sides in atlas px.
-        numbers: label drawn beside each square (default 0..N-1).
+        numbers: label drawn beside each square (default 0..N-1; None: no label).
         scores: optional 0..4 score per square, used as the outline colour.
         angles_deg: optional direction of each square's side, from the +col axis towards +row
             (degrees), as in :class:`xcryonet.extract.Lattice`.
@@ -87,5 +87,6 @@ def render_overview(
         d_col = half * (corners[:, 0] * cos - corners[:, 1] * sin)
         polygon = [(float(c + dc), float(r + dr)) for dr, dc in zip(d_row, d_col, strict=True)]
         draw.polygon(polygon, outline=colour, width=1 if half < 20 else 2)
-        draw.text((c, r), str(numbers[i]), fill=colour, font=font, anchor="mm")
+        if numbers[i] is not None:
+            draw.text((c, r), str(numbers[i]), fill=colour, font=font, anchor="mm")
     return rgb

@@ -608,6 +608,71 @@ def rollback_champion(params: Params) -> dict[str, Any]:
     return tracking.rollback(params.mlflow)
 
 
+@dataclass
+class ScoredGrid:
+    """One scored atlas, in memory (the dashboard keeps it; ``score`` writes it out).
+
+    Attributes:
+        grid: the extraction (table, crops, atlas image, angles).
+        targets: ``rank_targets`` frame (grid_id, square_id, x_um, y_um, five scores, rank).
+        scores: (N, 5) in 0..4, in the rows of ``grid.table``.
+        inputs: (N, P, P) the squares as the model saw them; maps: (N, 2, P, P) attention.
+    """
+
+    grid: ExtractedGrid
+    targets: pd.DataFrame
+    scores: np.ndarray
+    inputs: np.ndarray
+    maps: np.ndarray
+
+
+def load_scoring_model(model_ref: Path | str, mlflow_cfg: MlflowConfig | None = None) -> Any:
+    """A trained model from a folder or a registry URI (weights-only checkpoint), eval mode."""
+    from xcryonet.tracking import model_folder
+    from xcryonet.train import load_model
+
+    with model_folder(model_ref, mlflow_cfg or MlflowConfig()) as folder:
+        if not (folder / "model.pt").exists():
+            raise InputError(model_ref, "is not a model folder (no model.pt): train one first")
+        model, _ = load_model(folder)
+    return model
+
+
+def score_atlas(atlas_path: Path, model: Any, cfg: ExtractConfig) -> ScoredGrid:
+    """Extract an atlas's squares, score them and compute their attention maps."""
+    from xcryonet.explain import square_attention
+    from xcryonet.targets import rank_targets
+    from xcryonet.train import predict
+
+    grid = extract_atlas(atlas_path, cfg)
+    crops = grid.crops.astype(np.float32)
+    scores = predict(model, crops)
+    inputs, maps = square_attention(model, crops)
+    return ScoredGrid(grid, rank_targets(grid.table, scores), scores, inputs, maps)
+
+
+def overview_picture(scored: ScoredGrid, top_n: int = 0) -> Any:
+    """The atlas with every square coloured by overall (red 0 to green 4); with ``top_n``,
+    the best ``top_n`` numbered by rank."""
+    from xcryonet.overview import render_overview
+
+    grid = scored.grid
+    assert grid.atlas.image is not None
+    t = grid.table
+    rc_size = t[["row_px", "col_px", "size_px"]].to_numpy(float).T
+    numbers = None
+    if top_n:
+        rank = scored.targets.set_index("square_id")["rank"].reindex(t["square_id"]).to_numpy()
+        numbers = [int(r) if r == r and r <= top_n else None for r in rank]
+    return render_overview(
+        grid.atlas.image,
+        *rc_size,
+        numbers=numbers,
+        scores=scored.scores[:, 4],
+        angles_deg=grid.angles_deg,
+    )
+
+
 def score(
     atlas_path: Path,
     model_dir: Path | str,
@@ -629,48 +694,33 @@ def score(
     """
     import time
 
-    from xcryonet.explain import render_attention, square_attention
+    from xcryonet.explain import render_attention
     from xcryonet.io.atomic import atomic_path
     from xcryonet.io.nav import write_navigator
-    from xcryonet.overview import render_overview
-    from xcryonet.targets import rank_targets, select_top
-    from xcryonet.train import load_model, predict
+    from xcryonet.targets import select_top
 
     t0 = time.perf_counter()
-    from xcryonet.tracking import model_folder
-
-    with model_folder(model_dir, mlflow_cfg or MlflowConfig()) as folder:
-        if not (folder / "model.pt").exists():
-            raise InputError(model_dir, "is not a model folder (no model.pt): train one first")
-        model, _ = load_model(folder)
-    grid = extract_atlas(atlas_path, cfg)
-    crops = grid.crops.astype(np.float32)
-    scores = predict(model, crops)
-    targets = rank_targets(grid.table, scores)
+    model = load_scoring_model(model_dir, mlflow_cfg)
+    scored = score_atlas(atlas_path, model, cfg)
+    grid, targets, scores = scored.grid, scored.targets, scored.scores
     with atomic_path(out_csv) as tmp:
         targets.to_csv(tmp, index=False)
     if nav_path is not None:
         write_navigator(nav_path, select_top(targets, top_n), grid_id=grid.grid_id)
     if attention_dir is not None:
-        assert grid.atlas.image is not None
-        inputs, maps = square_attention(model, crops)
         with atomic_dir(attention_dir) as tmp_dir:
 
             def save_one(i: int) -> None:
                 sid = grid.table["square_id"].iat[i]
                 picture = render_attention(
-                    inputs[i], maps[i], scores[i], title=f"{grid.grid_id} #{sid}"
+                    scored.inputs[i], scored.maps[i], scores[i], title=f"{grid.grid_id} #{sid}"
                 )
                 # Fast PNG compression: the default level spends seconds per grid in zlib.
                 picture.save(tmp_dir / f"square_{sid}.png", compress_level=1)
 
             with ThreadPoolExecutor(max_workers=max(1, cfg.threads)) as pool:
                 list(pool.map(save_one, range(len(grid.table))))
-            t = grid.table
-            rc_size = t[["row_px", "col_px", "size_px"]].to_numpy(float).T
-            render_overview(
-                grid.atlas.image, *rc_size, scores=scores[:, 4], angles_deg=grid.angles_deg
-            ).save(tmp_dir / OVERVIEW_PNG)
+            overview_picture(scored).save(tmp_dir / OVERVIEW_PNG)
     ranked = targets.dropna(subset=["rank"])
     return {
         "grid_id": grid.grid_id,
