@@ -22,6 +22,9 @@ from xcryonet.errors import InputError
 
 PARAMS_PATH = os.environ.get("XCRYONET_PARAMS", "params.yaml")
 GRIDS_DIR = Path(os.environ.get("XCRYONET_GRIDS", "data/raw"))
+SQUARES_DIR = Path(os.environ.get("XCRYONET_SQUARES", "squares"))
+LABELS_CSV = Path(os.environ.get("XCRYONET_LABELS", "data/labels.csv"))
+REPO = Path(os.environ.get("XCRYONET_REPO", "."))
 SCORES = ["brightness", "squareness", "cracking", "contamination", "overall"]
 
 
@@ -85,7 +88,8 @@ def score_page() -> None:
     atlas: Path | None = None
     if source == "Upload":
         files = st.file_uploader(
-            "A stitched .mrc, a SerialEM .mrc with its .mdoc, or a .zip of an EPU atlas folder",
+            "A stitched .mrc, a SerialEM .mrc with its .mdoc, or a .zip of an EPU atlas folder "
+            "(up to server.maxUploadSize, 1024 MB)",
             accept_multiple_files=True,
         )
         if files:
@@ -190,8 +194,198 @@ def show_results(scored, atlas_name: str) -> None:
     )
 
 
+@st.cache_data(show_spinner=False, max_entries=8)
+def _grid_crops(grid_id: str, stamp: float) -> np.ndarray:
+    from xcryonet.stages import load_crops
+
+    return load_crops(SQUARES_DIR, grid_id)[0].astype(np.float32)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _uncertainty(grid_id: str, ref: str, version_key: str, stamp: float) -> np.ndarray:
+    from xcryonet.active import tta_uncertainty
+
+    return tta_uncertainty(_model(ref, version_key), _grid_crops(grid_id, stamp))
+
+
+def label_page() -> None:
+    from xcryonet.labels import save_label
+    from xcryonet.stages import label_table
+
+    st.header("Label squares")
+    if not SQUARES_DIR.is_dir():
+        st.warning(f"No extracted squares in {SQUARES_DIR}: run `make demo` first.")
+        return
+    try:
+        table = label_table(SQUARES_DIR, LABELS_CSV)
+    except InputError as err:
+        st.error(str(err))
+        return
+    counts = table.groupby("grid_id")["labelled"].agg(["sum", "size"])
+    done, total = int(counts["sum"].sum()), int(counts["size"].sum())
+    st.progress(done / max(total, 1), text=f"{done} of {total} squares labelled")
+    with st.expander("Progress per grid"):
+        st.dataframe(
+            counts.rename(columns={"sum": "labelled", "size": "squares"}), use_container_width=True
+        )
+    grid_id = st.selectbox("Grid", sorted(counts.index), key="label_grid")
+    mode = st.radio(
+        "Order", ["Most uncertain first", "Random"], horizontal=True, key="label_order",
+        help="Uncertainty: how much the model's scores change over flips and rotations of the "
+        "square, which cannot change its true scores.",
+    )  # fmt: skip
+    rows = table[table["grid_id"] == grid_id].reset_index(drop=True)
+    stamp = (SQUARES_DIR / grid_id / "crops.npz").stat().st_mtime
+    crops = _grid_crops(grid_id, stamp)
+    labelled = rows["labelled"].to_numpy(bool)
+    from xcryonet.active import labelling_order
+
+    model = None
+    try:
+        refs, version_of, _ = _model_choices()
+        ref = refs[0]
+        model = _model(ref, version_of[ref])
+    except InputError:
+        st.info("No registered model: squares come in random order and without predictions.")
+    if model is not None and mode.startswith("Most"):
+        order = labelling_order(_uncertainty(grid_id, ref, version_of[ref], stamp), labelled)
+    else:
+        order = labelling_order(np.zeros(len(rows)), labelled, mode="random", seed=0)
+    pos_key = f"label_pos_{grid_id}_{mode}"
+    pos = min(st.session_state.get(pos_key, 0), len(order) - 1)
+    row = rows.iloc[int(order[pos])]
+    sid = int(row["square_id"])
+    crop = crops[sid]
+    left, right = st.columns([2, 3])
+    with left:
+        st.image(np.clip(crop / 1.2, 0, 1), caption=f"{grid_id} #{sid}", width=320)
+    with right:
+        st.markdown(f"**Square {pos + 1} of {len(order)}** in this order "
+                    f"({'labelled' if row['labelled'] else 'not labelled yet'})")  # fmt: skip
+        guess: dict[str, float] = {}
+        if model is not None:
+            from xcryonet.train import predict
+
+            guess = dict(zip(SCORES, predict(model, [crop])[0], strict=True))
+            st.caption("Model: " + ", ".join(f"{k} {v:.1f}" for k, v in guess.items()))
+        chosen = {}
+        for name in ("cracking", "contamination", "overall"):
+            current = row.get(f"label_{name}")
+            if current is not None and current == current:
+                default = int(current)
+            else:
+                default = int(round(guess.get(name, 0)))
+            chosen[name] = st.radio(
+                name, [0, 1, 2, 3, 4], index=default, horizontal=True, key=f"lab_{name}_{sid}"
+            )
+        b1, b2, b3 = st.columns(3)
+        if b1.button("Save label", type="primary", key="save_label"):
+            pitch = float(row["pitch_um"]) if "pitch_um" in row else 100.0
+            try:
+                action = save_label(
+                    LABELS_CSV, grid_id, float(row["x_um"]), float(row["y_um"]),
+                    {k: int(v) for k, v in chosen.items()}, match_um=0.3 * pitch,
+                )  # fmt: skip
+            except InputError as err:
+                st.error(str(err))
+            else:
+                st.session_state[pos_key] = pos + 1
+                st.session_state["last_saved"] = f"{action} {grid_id} #{sid} in {LABELS_CSV}"
+                st.rerun()
+        if b2.button("Skip", key="skip_label"):
+            st.session_state[pos_key] = pos + 1
+            st.rerun()
+        if b3.button("Back", key="back_label", disabled=pos == 0):
+            st.session_state[pos_key] = pos - 1
+            st.rerun()
+        if st.session_state.get("last_saved"):
+            st.success(st.session_state["last_saved"])
+    st.divider()
+    c1, c2 = st.columns(2)
+    if c1.button("Commit labels to DVC", key="commit_labels"):
+        from xcryonet.stages import commit_data
+
+        try:
+            result = commit_data(REPO)
+        except InputError as err:
+            st.error(str(err))
+        else:
+            st.success(
+                f"data.dvc {'updated' if result['changed'] else 'unchanged'}: {result['md5']}"
+            )
+    if c2.button("Retrain now", key="retrain"):
+        from pipelines.flows import trigger_retrain
+
+        try:
+            st.success(f"Retraining started: flow run {trigger_retrain()}")
+        except Exception as err:  # the Prefect server or deployment is not there
+            st.error(f"Could not start retraining ({type(err).__name__}: {err}). Start "
+                     "`make prefect-server` and `make retrain-serve` first.")  # fmt: skip
+
+
+MLFLOW_UI = os.environ.get("XCRYONET_MLFLOW_UI", "http://127.0.0.1:5000")
+
+
+def compare_page() -> None:
+    from xcryonet import tracking
+
+    st.header("Compare runs")
+    cfg = _params().mlflow
+    runs = tracking.runs_table(cfg)
+    st.markdown(f"Store: `{tracking.tracking_uri(cfg)}`. Details in the [MLflow UI]({MLFLOW_UI}) "
+                "(`make mlflow-ui`).")  # fmt: skip
+    if runs.empty:
+        st.info("No training runs yet: run `make demo` or `xcryonet train`.")
+    else:
+        show = runs.drop(columns=["run_id"]).round({s: 3 for s in SCORES})
+        st.dataframe(show, hide_index=True, use_container_width=True)
+        labels = {r.run_id: f"{r.name} ({r.run_id[:8]})" for r in runs.itertuples()}
+        picked = st.multiselect(
+            "Runs to compare", list(labels), default=list(labels)[:2],
+            format_func=lambda r: labels[r], key="compare_runs",
+        )  # fmt: skip
+        if len(picked) >= 1:
+            sub = runs.set_index("run_id").loc[picked]
+            bars = sub[SCORES].rename(index=labels).T
+            st.subheader("Held-out MAE per score (lower is better)")
+            st.bar_chart(bars, stack=False)
+            curves = tracking.run_curves(cfg, picked)
+            if not curves.empty:
+                st.subheader("Learning curves")
+                metric = st.selectbox("Metric", sorted(curves["metric"].unique()), key="curve")
+                wide = (
+                    curves[curves["metric"] == metric]
+                    .pivot_table(index="epoch", columns="run_id", values="value")
+                    .rename(columns=labels)
+                )
+                st.line_chart(wide)
+            st.subheader("Predicted against true (held-out squares)")
+            cols = st.columns(len(picked))
+            with tempfile.TemporaryDirectory() as tmp:
+                for col, run_id in zip(cols, picked, strict=True):
+                    fig = tracking.run_figure(cfg, run_id, "pred_vs_true.png", Path(tmp) / run_id)
+                    if fig is not None:
+                        col.image(fig.read_bytes(), caption=labels[run_id])
+                    else:
+                        col.caption(f"{labels[run_id]}: no figure logged")
+    st.subheader("Optuna studies")
+    from xcryonet.tune import study_tables
+
+    try:
+        trials, importance = study_tables(_params().tune)
+    except InputError as err:
+        st.info(f"No study yet ({err}). Run `xcryonet tune`.")
+        return
+    st.dataframe(trials, hide_index=True, use_container_width=True)
+    if "value" in trials and trials["value"].notna().any():
+        st.line_chart(trials.set_index("number")["value"], x_label="trial", y_label="val MAE")
+    if importance:
+        st.bar_chart(pd.Series(importance, name="importance"), horizontal=True)
+
+
+PAGES = {"Score a grid": score_page, "Compare runs": compare_page, "Label squares": label_page}
+
 st.set_page_config(page_title="xcryonet", layout="wide")
 st.sidebar.title("xcryonet")
-page = st.sidebar.radio("Page", ["Score a grid"])
-if page == "Score a grid":
-    score_page()
+page = st.sidebar.radio("Page", list(PAGES), key="page")
+PAGES[page]()

@@ -244,3 +244,12 @@ def retrain_flow(repo: str = ".") -> dict:
     lines.append(f"- stages to rerun: {changes['stages'] or 'none'}")
     create_markdown_artifact("\n".join(lines), key="retrain-summary", description="nightly retrain")
     return summary
+
+
+def trigger_retrain(deployment: str = "retrain/nightly") -> str:
+    """Start a run of the served retraining deployment now; returns the flow run id.
+    Needs ``PREFECT_API_URL`` pointing at the server that holds the deployment."""
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment(name=deployment, timeout=0)  # sync call: a FlowRun, not a coroutine
+    return str(flow_run.id)  # type: ignore[union-attr]

@@ -26,3 +26,35 @@ def harness():
 
     with prefect_test_harness():
         yield
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory):
+    """Two simulated grids, extracted, and a tiny tracked model registered as champion in the
+    fixture's own MLflow store (``root/mlruns.db``; set MLFLOW_TRACKING_URI to ``store_uri``)."""
+    from xcryonet.config import ExtractConfig, Params, SimulateConfig, TrainConfig
+    from xcryonet.model import ModelConfig
+    from xcryonet.stages import extract, make_dataset, register_model, simulate, train_model
+
+    root = tmp_path_factory.mktemp("dash")
+    old = os.environ["MLFLOW_TRACKING_URI"]
+    os.environ["MLFLOW_TRACKING_URI"] = store_uri(root)
+    sim = SimulateConfig(n_grids=2, squares_per_grid=40, workers=1)
+    simulate(sim, out_dir=str(root / "raw"), labels_path=str(root / "labels.csv"),
+             truth_dir=str(root / "truth"))  # fmt: skip
+    extract(sorted((root / "raw").iterdir()), root / "squares", ExtractConfig(workers=1))
+    params = Params(
+        model=ModelConfig(width=4, hidden=8, input_px=16),
+        train=TrainConfig(epochs=1, batch_size=8, progress=False),
+    )
+    make_dataset(root / "squares", root / "labels.csv", root / "dataset", params)
+    split = root / "dataset" / "split.csv"
+    train_model(root / "squares", root / "labels.csv", root / "m", params, split_csv=split,
+                track=True)  # fmt: skip
+    register_model(root / "m", root / "squares", root / "labels.csv", split, params)
+    os.environ["MLFLOW_TRACKING_URI"] = old
+    return root
+
+
+def store_uri(root):
+    return f"sqlite:///{root / 'mlruns.db'}"

@@ -5,42 +5,19 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import store_uri
 from streamlit.testing.v1 import AppTest
-
-from xcryonet.config import ExtractConfig, Params, SimulateConfig, TrainConfig
-from xcryonet.model import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "dashboards" / "app.py")
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """Two simulated grids, extracted, a tiny tracked model registered as champion."""
-    from xcryonet.stages import extract, make_dataset, register_model, simulate, train_model
-
-    root = tmp_path_factory.mktemp("dash")
-    sim = SimulateConfig(n_grids=2, squares_per_grid=40, workers=1)
-    simulate(sim, out_dir=str(root / "raw"), labels_path=str(root / "labels.csv"),
-             truth_dir=str(root / "truth"))  # fmt: skip
-    extract(sorted((root / "raw").iterdir()), root / "squares", ExtractConfig(workers=1))
-    params = Params(
-        model=ModelConfig(width=4, hidden=8, input_px=16),
-        train=TrainConfig(epochs=1, batch_size=8, progress=False),
-    )
-    make_dataset(root / "squares", root / "labels.csv", root / "dataset", params)
-    split = root / "dataset" / "split.csv"
-    train_model(root / "squares", root / "labels.csv", root / "m", params, split_csv=split,
-                track=True)  # fmt: skip
-    register_model(root / "m", root / "squares", root / "labels.csv", split, params)
-    return root
-
-
 @pytest.fixture
 def app(store, monkeypatch):
     monkeypatch.setenv("XCRYONET_GRIDS", str(store / "raw"))
     monkeypatch.setenv("XCRYONET_PARAMS", str(store / "none.yaml"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(store))
     at = AppTest.from_file(APP, default_timeout=180)
     return at.run()
 
@@ -84,3 +61,51 @@ def test_a_corrupt_upload_shows_the_readers_one_line_error(app):
 
     with pytest.raises(InputError, match="not a readable zip"):
         unpack_upload([("atlas.zip", b"junk")], Path(os.environ.get("TMPDIR", "/tmp")) / "u")
+
+
+def test_label_page_saves_labels_in_order_and_commits(store, monkeypatch, tmp_path):
+    import shutil
+
+    from xcryonet.labels import read_labels
+
+    labels = tmp_path / "labels.csv"
+    shutil.copy(store / "labels.csv", labels)
+    monkeypatch.setenv("XCRYONET_SQUARES", str(store / "squares"))
+    monkeypatch.setenv("XCRYONET_LABELS", str(labels))
+    monkeypatch.setenv("XCRYONET_PARAMS", str(store / "none.yaml"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(store))
+    at = AppTest.from_file(APP, default_timeout=180).run()
+    at.sidebar.radio(key="page").set_value("Label squares").run()
+    assert not at.exception, at.exception
+    before = len(read_labels(labels))
+    progress_before = at.get("progress")[0].proto.text
+    # The first square in uncertainty order is an unlabelled one.
+    assert any("not labelled yet" in m.value for m in at.markdown)
+    first = at.get("image")[0].proto.imgs[0].caption
+    sid = int(first.split("#")[1])
+    at.radio(key=f"lab_cracking_{sid}").set_value(3)
+    at.radio(key=f"lab_overall_{sid}").set_value(1)
+    at.button(key="save_label").click().run()
+    assert not at.exception, at.exception
+    after = read_labels(labels)
+    assert len(after) == before + 1
+    assert after[-1].grid_id == "grid01" and after[-1].scores["cracking"] == 3
+    assert after[-1].scores["overall"] == 1
+    assert at.get("progress")[0].proto.text != progress_before
+    # The next square is another one.
+    assert at.get("image")[0].proto.imgs[0].caption != first
+
+
+def test_compare_page_lists_runs_and_compares_them(store, monkeypatch):
+    monkeypatch.setenv("XCRYONET_PARAMS", str(store / "none.yaml"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(store))
+    at = AppTest.from_file(APP, default_timeout=180).run()
+    at.sidebar.radio(key="page").set_value("Compare runs").run()
+    assert not at.exception, at.exception
+    runs = at.dataframe[0].value
+    assert len(runs) >= 1
+    assert len(runs) == 1 and "champion (v1)" in runs["alias"][0]
+    assert {"variant", "supervision", "labeled", "cracking", "overall"} <= set(runs.columns)
+    assert at.get("arrow_vega_lite_chart") or at.get("vega_lite_chart")
+    assert at.get("image")[0].captions[0].startswith(str(runs["name"][0]))
+    assert any("No study yet" in i.value for i in at.info)

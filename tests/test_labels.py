@@ -100,3 +100,48 @@ def test_rejoin_after_reextraction_keeps_labels():
     second[["x_um", "y_um"]] += rng.normal(0, 3, size=(len(second), 2))
     out = join_labels(second, labels)
     assert (out["label_line"] > 0).all()
+
+
+def _label_many(args):
+    path, worker, n = args
+    from xcryonet.labels import save_label
+
+    for i in range(n):
+        save_label(path, f"g{worker}", 100.0 * i, 7.0, {"cracking": i % 5, "contamination": 0,
+                                                         "overall": 4 - i % 5})  # fmt: skip
+
+
+def test_two_concurrent_labelling_sessions_lose_nothing(tmp_path):
+    import multiprocessing as mp
+
+    from xcryonet.labels import read_labels
+
+    path = tmp_path / "labels.csv"
+    path.write_text("grid_id,x_um,y_um,cracking,contamination,overall\ng9,0,0,1,1,1\n")
+    with mp.get_context("spawn").Pool(2) as pool:
+        pool.map(_label_many, [(path, 0, 100), (path, 1, 100)])
+    labels = read_labels(path)
+    assert len(labels) == 201
+    for worker in (0, 1):
+        mine = sorted((lab for lab in labels if lab.grid_id == f"g{worker}"), key=lambda x: x.x_um)
+        assert [lab.scores["cracking"] for lab in mine] == [i % 5 for i in range(100)]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_save_label_updates_in_place_and_refuses_bad_scores(tmp_path):
+    from xcryonet.labels import read_labels, save_label
+
+    path = tmp_path / "labels.csv"
+    path.write_text("grid_id,x_um,y_um,cracking,contamination,overall\ng1,10.5,20,1,,3\n")
+    assert save_label(path, "g1", 12.0, 21.0, {"contamination": 2}, match_um=3) == "updated"
+    (lab,) = read_labels(path)
+    assert (lab.x_um, lab.y_um, lab.scores) == (10.5, 20.0, {"cracking": 1, "contamination": 2,
+                                                             "overall": 3})  # fmt: skip
+    assert save_label(path, "g1", 50.0, 21.0, {"brightness": 4}) == "added"
+    assert read_labels(path)[1].scores == {"brightness": 4}
+    before = path.read_text()
+    with pytest.raises(InputError, match="outside the scores"):
+        save_label(path, "g1", 0.0, 0.0, {"overall": 5})
+    with pytest.raises(InputError, match="unknown score"):
+        save_label(path, "g1", 0.0, 0.0, {"ice": 1})
+    assert path.read_text() == before

@@ -179,3 +179,90 @@ def join_labels(
         if name in out:
             out[f"label_{name}"] = out[f"label_{name}"].fillna(out[name].astype(float))
     return out
+
+
+def _format_labels(labels: list[Label], columns: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for lab in labels:
+        row = []
+        for c in columns:
+            if c == "grid_id":
+                row.append(lab.grid_id)
+            elif c in ("x_um", "y_um"):
+                row.append(f"{getattr(lab, c):.3f}".rstrip("0").rstrip("."))
+            else:
+                v = lab.scores.get(c)
+                row.append("" if v is None else str(v))
+        writer.writerow(row)
+    return buf.getvalue()
+
+
+def save_label(
+    path: str | Path,
+    grid_id: str,
+    x_um: float,
+    y_um: float,
+    scores: dict[str, int],
+    *,
+    match_um: float = 5.0,
+    lock_timeout_s: float = 30.0,
+) -> str:
+    """Add or update one square's label in ``labels.csv`` at once, safely.
+
+    Under an exclusive lock on ``labels.csv.lock``: read the file, update the label of the same
+    grid within ``match_um`` of (x_um, y_um) (only the given ``scores``) or append a new row,
+    write a temporary file beside it and rename it over ``labels.csv``. So concurrent sessions
+    lose nothing, and a crash leaves the old file whole. Returns ``"added"`` or ``"updated"``.
+    """
+    import fcntl
+    import time
+
+    from xcryonet.io.atomic import atomic_write_text
+
+    path = Path(path)
+    for name, value in scores.items():
+        if name not in SCORE_NAMES:
+            raise InputError(path, f"unknown score {name!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 4:
+            raise InputError(path, f"{name} {value!r} is outside the scores 0..4")
+    if not (math.isfinite(x_um) and math.isfinite(y_um)):
+        raise InputError(path, "x_um/y_um must be finite")
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a+") as lock:
+        deadline = time.monotonic() + lock_timeout_s
+        while True:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise InputError(
+                        path, f"is locked by another writer for {lock_timeout_s} s"
+                    ) from None
+                time.sleep(0.01)
+        try:
+            if path.exists():
+                text = path.read_text(encoding="utf-8")
+                labels = parse_labels(text, path)
+                header = [h.strip() for h in next(csv.reader(io.StringIO(text)))]
+            else:
+                labels, header = [], list(REQUIRED_COLUMNS)
+            for name in scores:
+                if name not in header:
+                    header.append(name)
+            action = "added"
+            for k, lab in enumerate(labels):
+                near = math.hypot(lab.x_um - x_um, lab.y_um - y_um) <= match_um
+                if lab.grid_id == grid_id and near:
+                    merged = {**lab.scores, **scores}
+                    labels[k] = Label(lab.line, grid_id, lab.x_um, lab.y_um, merged)
+                    action = "updated"
+                    break
+            else:
+                labels.append(Label(len(labels) + 2, grid_id, x_um, y_um, dict(scores)))
+            atomic_write_text(path, _format_labels(labels, header))
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    return action

@@ -730,3 +730,37 @@ def score(
         "targets": str(out_csv),
         "seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+def commit_data(repo: Path = Path("."), target: str = "data.dvc") -> dict[str, Any]:
+    """Record the current ``data/`` (new labels) as a new DVC data version: ``dvc commit``.
+    Returns the new md5 and whether it changed."""
+    import subprocess
+    import sys
+
+    from xcryonet.tracking import data_version
+
+    before = data_version(Path(repo) / target)
+    out = subprocess.run(
+        [sys.executable, "-m", "dvc", "commit", "-f", "-q", target],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["dvc commit failed"])[-1]
+        raise InputError(Path(repo) / target, f"dvc commit failed: {last}")
+    after = data_version(Path(repo) / target)
+    return {"md5": after, "changed": after != before}
+
+
+def label_table(squares_root: Path, labels_csv: Path) -> pd.DataFrame:
+    """Every extracted square with its labels joined (``labelled`` and ``label_<score>``)."""
+    from xcryonet.train import read_table
+
+    if not Path(labels_csv).exists():
+        from xcryonet.labels import REQUIRED_COLUMNS
+
+        Path(labels_csv).parent.mkdir(parents=True, exist_ok=True)
+        Path(labels_csv).write_text(",".join(REQUIRED_COLUMNS) + "\n", encoding="utf-8")
+    return read_table(squares_root, labels_csv)

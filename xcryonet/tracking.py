@@ -411,3 +411,75 @@ def registry_summary(cfg: MlflowConfig) -> dict[str, Any]:
             for v in sorted(versions, key=lambda v: int(v.version))
         ],
     }
+
+
+def runs_table(cfg: MlflowConfig, max_runs: int = 200) -> Any:
+    """Training runs of the experiment, newest first: run id and name, variant, supervision,
+    labelled squares, held-out MAE per score, and the registry aliases of their models."""
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    client = _client(cfg)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        return pd.DataFrame()
+    runs = client.search_runs(
+        [exp.experiment_id], "", max_results=max_runs, order_by=["attributes.start_time DESC"]
+    )
+    aliases: dict[str, list[str]] = {}
+    try:
+        model = client.get_registered_model(cfg.registered_model)
+        for v in client.search_model_versions(f"name='{cfg.registered_model}'"):
+            for alias, version in (model.aliases or {}).items():
+                if str(version) == str(v.version) and v.run_id:
+                    aliases.setdefault(v.run_id, []).append(f"{alias} (v{v.version})")
+    except MlflowException:
+        pass
+    rows = []
+    for r in runs:
+        m, tags = r.data.metrics, r.data.tags
+        if "test_mae/overall" not in m:
+            continue  # tuning parents, unfinished runs
+        row: dict[str, Any] = {
+            "run_id": r.info.run_id,
+            "name": r.info.run_name,
+            "started": pd.to_datetime(r.info.start_time, unit="ms"),
+            "variant": tags.get("variant", ""),
+            "supervision": tags.get("supervision", ""),
+            "labeled": int(m.get("labeled", 0)),
+            "alias": ", ".join(sorted(aliases.get(r.info.run_id, []))),
+        }
+        for score in ("brightness", "squareness", "cracking", "contamination", "overall"):
+            row[score] = m.get(f"test_mae/{score}")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def run_curves(cfg: MlflowConfig, run_ids: list[str]) -> Any:
+    """Long table ``run_id, metric, epoch, value`` of the per-epoch losses and validation MAE."""
+    import pandas as pd
+
+    client = _client(cfg)
+    rows = []
+    for run_id in run_ids:
+        for key in client.get_run(run_id).data.metrics:
+            if key.startswith(("loss/", "val_mae/")):
+                for h in client.get_metric_history(run_id, key):
+                    rows.append((run_id, key, h.step, h.value))
+    return pd.DataFrame(rows, columns=["run_id", "metric", "epoch", "value"])
+
+
+def run_figure(cfg: MlflowConfig, run_id: str, name: str, dst: Path) -> Path | None:
+    """Download ``figures/<name>`` of a run into ``dst``; None when the run has none."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    try:
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=f"figures/{name}", dst_path=str(dst)
+            )
+        )
+    except (MlflowException, OSError):
+        return None

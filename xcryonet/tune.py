@@ -238,3 +238,23 @@ def tune(
         mlflow.log_metric(f"best_val_mae/{params.mlflow.metric}", summary["best_value"])
         mlflow.log_dict(summary, "best.json")
     return {**summary, "parent_run_id": parent.info.run_id}
+
+
+def study_tables(cfg: TuneConfig) -> tuple[Any, dict[str, float]]:
+    """The study's trials (number, state, value, params) and the parameter importances
+    (empty with fewer than 2 complete trials); raises InputError without a study."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=cfg.study, storage=study_storage(cfg))
+    except (KeyError, ValueError) as err:
+        raise InputError(cfg.storage, f"holds no study {cfg.study!r} ({err})") from None
+    trials = study.trials_dataframe(attrs=("number", "state", "value", "params"))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    importance: dict[str, float] = {}
+    if len(done) >= 2:
+        try:
+            importance = dict(optuna.importance.get_param_importances(study))
+        except (RuntimeError, ValueError):
+            importance = {}
+    return trials, importance

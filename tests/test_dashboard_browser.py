@@ -1,0 +1,116 @@
+"""The dashboard in a real headless Chromium (Debian's `chromium`, driven by Playwright through
+`executable_path`, so no browser download): load, score a grid, see the table and the
+overview, open another square's attention maps, label a square; screenshots at each step."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import store_uri
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        CHROMIUM is None and os.environ.get("XCRYONET_REQUIRE_BROWSER") != "1",
+        reason="no chromium on this machine (.ci/run installs Debian's chromium)",
+    ),
+]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(store, tmp_path):
+    labels = tmp_path / "labels.csv"
+    shutil.copy(store / "labels.csv", labels)
+    port = _free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": store_uri(store),
+        "XCRYONET_GRIDS": str(store / "raw"),
+        "XCRYONET_SQUARES": str(store / "squares"),
+        "XCRYONET_LABELS": str(labels),
+        "XCRYONET_PARAMS": str(store / "none.yaml"),
+        "PYTHONPATH": str(ROOT),
+    }
+    log = open(tmp_path / "streamlit.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboards" / "app.py"),
+         "--server.port", str(port), "--server.address", "127.0.0.1",
+         "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
+                break
+        except OSError:
+            assert proc.poll() is None, (tmp_path / "streamlit.log").read_text()[-3000:]
+            assert time.time() < deadline, "streamlit did not come up"
+            time.sleep(0.3)
+    yield url, labels
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def test_score_inspect_and_label_in_chromium(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, labels = server
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    before = labels.read_text().count("\n")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu"])  # fmt: skip
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        page.set_default_timeout(120_000)
+        expect.set_options(timeout=120_000)
+        page.goto(url)
+        # The first paint is blank: wait for text before any screenshot.
+        expect(page.get_by_role("heading", name="Score a grid")).to_be_visible()
+        page.screenshot(path=shots / "1-loaded.png")
+        page.get_by_role("button", name="Score").click()
+        expect(page.get_by_text("squares,", exact=False).first).to_be_visible()
+        expect(page.locator('[data-testid="stDataFrame"]').first).to_be_visible()
+        images = page.locator('[data-testid="stImage"] img, [data-testid="stImageContainer"] img')
+        expect(images.nth(1)).to_be_visible()
+        expect(page.get_by_text("cracking and contamination attention maps")).to_be_visible()
+        page.screenshot(path=shots / "2-scored.png", full_page=True)
+        # Another square's attention maps.
+        first_src = images.nth(1).get_attribute("src")
+        combo = page.get_by_role("combobox", name="Square")
+        combo.click()
+        combo.press("ArrowDown")  # opens the list
+        page.get_by_role("option").nth(2).click()
+        expect(images.nth(1)).not_to_have_attribute("src", first_src or "")
+        page.screenshot(path=shots / "3-square.png", full_page=True)
+        # Label a square.
+        page.locator('[data-testid="stSidebar"]').get_by_text("Label squares").click()
+        expect(page.get_by_role("heading", name="Label squares")).to_be_visible()
+        page.get_by_role("button", name="Save label").click()
+        expect(page.get_by_text("added grid01", exact=False)).to_be_visible()
+        page.screenshot(path=shots / "4-labelled.png", full_page=True)
+        browser.close()
+    assert labels.read_text().count("\n") == before + 1
+    assert all((shots / n).stat().st_size > 10_000 for n in
+               ("1-loaded.png", "2-scored.png", "3-square.png", "4-labelled.png"))  # fmt: skip
