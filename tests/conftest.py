@@ -52,6 +52,19 @@ def store(tmp_path_factory):
     train_model(root / "squares", root / "labels.csv", root / "m", params, split_csv=split,
                 track=True)  # fmt: skip
     register_model(root / "m", root / "squares", root / "labels.csv", split, params)
+    # A small Optuna study, and the params file the dashboard reads (it names the study).
+    import dataclasses
+
+    import yaml
+
+    from xcryonet.config import TuneConfig, to_dict
+    from xcryonet.tune import tune
+
+    tuned = dataclasses.replace(
+        params, tune=TuneConfig(storage=f"sqlite:///{root / 'optuna.db'}", epochs=1)
+    )
+    tune(root / "squares", root / "labels.csv", split, root / "tune", tuned, n_trials=3)
+    (root / "params.yaml").write_text(yaml.safe_dump(to_dict(tuned)))
     os.environ["MLFLOW_TRACKING_URI"] = old
     return root
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def app(store, monkeypatch):
     monkeypatch.setenv("XCRYONET_GRIDS", str(store / "raw"))
-    monkeypatch.setenv("XCRYONET_PARAMS", str(store / "none.yaml"))
+    monkeypatch.setenv("XCRYONET_PARAMS", str(store / "params.yaml"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(store))
     at = AppTest.from_file(APP, default_timeout=180)
     return at.run()
@@ -72,7 +72,7 @@ def test_label_page_saves_labels_in_order_and_commits(store, monkeypatch, tmp_pa
     shutil.copy(store / "labels.csv", labels)
     monkeypatch.setenv("XCRYONET_SQUARES", str(store / "squares"))
     monkeypatch.setenv("XCRYONET_LABELS", str(labels))
-    monkeypatch.setenv("XCRYONET_PARAMS", str(store / "none.yaml"))
+    monkeypatch.setenv("XCRYONET_PARAMS", str(store / "params.yaml"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(store))
     at = AppTest.from_file(APP, default_timeout=180).run()
     at.sidebar.radio(key="page").set_value("Label squares").run()
@@ -97,7 +97,7 @@ def test_label_page_saves_labels_in_order_and_commits(store, monkeypatch, tmp_pa
 
 
 def test_compare_page_lists_runs_and_compares_them(store, monkeypatch):
-    monkeypatch.setenv("XCRYONET_PARAMS", str(store / "none.yaml"))
+    monkeypatch.setenv("XCRYONET_PARAMS", str(store / "params.yaml"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(store))
     at = AppTest.from_file(APP, default_timeout=180).run()
     at.sidebar.radio(key="page").set_value("Compare runs").run()
@@ -108,4 +108,8 @@ def test_compare_page_lists_runs_and_compares_them(store, monkeypatch):
     assert {"variant", "supervision", "labeled", "cracking", "overall"} <= set(runs.columns)
     assert at.get("arrow_vega_lite_chart") or at.get("vega_lite_chart")
     assert at.get("image")[0].captions[0].startswith(str(runs["name"][0]))
-    assert any("No study yet" in i.value for i in at.info)
+    # The Optuna study: its three trials, their history and the parameter importances.
+    trials = at.dataframe[1].value
+    assert sorted(trials["number"]) == [0, 1, 2]
+    assert "params_lr" in trials.columns
+    assert not any("No study yet" in i.value for i in at.info)

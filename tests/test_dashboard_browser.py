@@ -43,7 +43,7 @@ def server(store, tmp_path):
         "XCRYONET_GRIDS": str(store / "raw"),
         "XCRYONET_SQUARES": str(store / "squares"),
         "XCRYONET_LABELS": str(labels),
-        "XCRYONET_PARAMS": str(store / "none.yaml"),
+        "XCRYONET_PARAMS": str(store / "params.yaml"),
         "PYTHONPATH": str(ROOT),
     }
     log = open(tmp_path / "streamlit.log", "w")  # noqa: SIM115
@@ -114,3 +114,34 @@ def test_score_inspect_and_label_in_chromium(server, tmp_path):
     assert labels.read_text().count("\n") == before + 1
     assert all((shots / n).stat().st_size > 10_000 for n in
                ("1-loaded.png", "2-scored.png", "3-square.png", "4-labelled.png"))  # fmt: skip
+
+
+def test_upload_a_serialem_montage_and_a_corrupt_zip_in_chromium(server, store, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = server
+    junk = tmp_path / "atlas.zip"
+    junk.write_bytes(b"this is not a zip")
+    montage = [
+        store / "raw" / "grid02" / "grid02.mrc",
+        store / "raw" / "grid02" / "grid02.mrc.mdoc",
+    ]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu"])  # fmt: skip
+        expect.set_options(timeout=120_000)
+        for files, wait_for in ((montage, "grid02: "), ([junk], "is not a readable zip file")):
+            page = browser.new_page(viewport={"width": 1500, "height": 1100})
+            page.set_default_timeout(120_000)
+            page.goto(url)
+            expect(page.get_by_role("heading", name="Score a grid")).to_be_visible()
+            page.get_by_text("Upload", exact=True).click()
+            page.locator('input[type="file"]').set_input_files([str(f) for f in files])
+            if files is montage:
+                page.get_by_role("button", name="Score").click()
+                expect(page.locator('[data-testid="stDataFrame"]').first).to_be_visible()
+            expect(page.get_by_text(wait_for, exact=False).first).to_be_visible()
+            assert page.get_by_text("Traceback").count() == 0
+            page.screenshot(path=tmp_path / f"upload-{files[0].suffix[1:]}.png", full_page=True)
+            page.close()
+        browser.close()
