@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import store_uri
 from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +19,11 @@ def app(store, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(store))
     at = AppTest.from_file(APP, default_timeout=180)
     return at.run()
+
+
+def store_uri(root):
+    """The tracking URI of the ``store`` fixture (tests/conftest.py)."""
+    return f"sqlite:///{root / 'mlruns.db'}"
 
 
 def test_score_page_scores_a_grid_and_shows_every_part(app):

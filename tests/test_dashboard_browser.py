@@ -12,7 +12,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import store_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -24,6 +23,11 @@ pytestmark = [
         reason="no chromium on this machine (.ci/run installs Debian's chromium)",
     ),
 ]
+
+
+def store_uri(root):
+    """The tracking URI of the ``store`` fixture (tests/conftest.py)."""
+    return f"sqlite:///{root / 'mlruns.db'}"
 
 
 def _free_port():
