@@ -4,14 +4,11 @@ overview, open another square's attention maps, label a square; screenshots at e
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from servers import free_port, running
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -30,17 +27,11 @@ def store_uri(root):
     return f"sqlite:///{root / 'mlruns.db'}"
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(store, tmp_path):
     labels = tmp_path / "labels.csv"
     shutil.copy(store / "labels.csv", labels)
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": store_uri(store),
@@ -50,30 +41,12 @@ def server(store, tmp_path):
         "XCRYONET_PARAMS": str(store / "params.yaml"),
         "PYTHONPATH": str(ROOT),
     }
-    log = open(tmp_path / "streamlit.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboards" / "app.py"),
-         "--server.port", str(port), "--server.address", "127.0.0.1",
-         "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboards" / "app.py"),
+           "--server.port", str(port), "--server.address", "127.0.0.1",
+           "--server.headless", "true", "--browser.gatherUsageStats", "false"]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
-                break
-        except OSError:
-            assert proc.poll() is None, (tmp_path / "streamlit.log").read_text()[-3000:]
-            assert time.time() < deadline, "streamlit did not come up"
-            time.sleep(0.3)
-    yield url, labels
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with running(cmd, f"{url}/_stcore/health", tmp_path / "streamlit.log", env=env, cwd=ROOT):
+        yield url, labels
 
 
 def test_score_inspect_and_label_in_chromium(server, tmp_path):

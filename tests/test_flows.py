@@ -2,13 +2,13 @@
 integration test against a real `prefect server` with a cron-scheduled deployment."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from servers import free_port, stop, wait_http
 from test_train import TINY_MODEL, write_dataset
 
 from pipelines import flows
@@ -117,27 +117,6 @@ def test_extract_flow_on_a_local_dask_cluster(harness, tmp_path):
     assert all((tmp_path / "squares" / g / "crops.npz").exists() for g in ("grid01", "grid02"))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url, proc, log, timeout=90):
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            assert proc.poll() is None, Path(log).read_text()[-3000:]
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer in {timeout} s")
-
-
 @pytest.mark.slow
 @pytest.mark.integration
 def test_scheduled_retrain_deployment_on_a_real_server(tmp_path):
@@ -148,7 +127,7 @@ def test_scheduled_retrain_deployment_on_a_real_server(tmp_path):
     sh = lambda *a: subprocess.run(a, cwd=repo, check=True, capture_output=True)  # noqa: E731
     sh("git", "init", "-q")
     sh(sys.executable, "-m", "dvc", "init", "-q")
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
@@ -166,7 +145,7 @@ def test_scheduled_retrain_deployment_on_a_real_server(tmp_path):
     )  # fmt: skip
     served = worker = None
     try:
-        _wait_http(f"{api}/health", server, logs[0], timeout=120)
+        wait_http(f"{api}/health", server, logs[0], timeout=120)
         served = subprocess.Popen(
             [sys.executable, "-m", "pipelines.serve", "--cron", "0 2 * * *", "--repo", str(repo)],
             env=env, cwd=ROOT, stdout=handles[1], stderr=subprocess.STDOUT,
@@ -211,10 +190,6 @@ def test_scheduled_retrain_deployment_on_a_real_server(tmp_path):
     finally:
         for proc in (worker, served, server):
             if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop(proc)
         for handle in handles:
             handle.close()

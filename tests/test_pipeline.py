@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from servers import free_port, running
 from test_train import TINY_MODEL, write_dataset
 
 from xcryonet import tracking
@@ -216,69 +217,38 @@ def test_scoring_model_matches_predict_at_any_size():
     assert np.allclose(got, predict(model, crops), atol=1e-5)
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.integration
 def test_mlflow_models_serve_answers_a_rest_request(tracked):
     """`mlflow models serve -m models:/xcryonet@champion` on 127.0.0.1 scores raw crops."""
     import os
-    import subprocess
     import sys
-    import time
     import urllib.request
     from pathlib import Path
 
     root, _, _, _, params, _ = tracked
     uri = tracking.tracking_uri(params.mlflow)
     assert tracking.alias_version(params.mlflow, "champion") is not None
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     exe = Path(sys.executable).with_name("mlflow")
     cmd = [str(exe), "models", "serve", "-m", "models:/xcryonet@champion", "--env-manager",
            "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
-    log = open(root / "serve.log", "w")  # noqa: SIM115
-    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                assert server.poll() is None, (root / "serve.log").read_text()[-3000:]
-                time.sleep(0.5)
-        else:
-            raise AssertionError("mlflow models serve did not come up in 120 s")
+    base = f"http://127.0.0.1:{port}"
+    with running(cmd, f"{base}/ping", root / "serve.log", env=env):
         crops = np.random.default_rng(2).random((2, 1, 27, 27)).astype(np.float32)
         body = json.dumps({"inputs": crops.tolist()}).encode()
         req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=body,
-            headers={"Content-Type": "application/json"},
+            f"{base}/invocations", data=body, headers={"Content-Type": "application/json"}
         )
         with urllib.request.urlopen(req, timeout=30) as r:
             answer = json.loads(r.read())
-        got = np.asarray(answer["predictions"], np.float32)
-        champion = tracking.alias_version(params.mlflow, "champion")
-        with tracking.model_folder(f"models:/xcryonet/{champion}", params.mlflow) as folder:
-            model, _ = load_model(folder)
-        assert got.shape == (2, 5)
-        assert np.allclose(got, predict(model, crops[:, 0]), atol=1e-4)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+    got = np.asarray(answer["predictions"], np.float32)
+    champion = tracking.alias_version(params.mlflow, "champion")
+    with tracking.model_folder(f"models:/xcryonet/{champion}", params.mlflow) as folder:
+        model, _ = load_model(folder)
+    assert got.shape == (2, 5)
+    assert np.allclose(got, predict(model, crops[:, 0]), atol=1e-4)
 
 
 @pytest.mark.slow
@@ -286,31 +256,17 @@ def test_mlflow_models_serve_answers_a_rest_request(tracked):
 def test_mlflow_server_on_localhost_browses_the_same_store(tracked):
     """The README's `mlflow server` (SQLite backend, 127.0.0.1) lists the tracked run and
     serves its artifacts, as the UI shows them."""
-    import subprocess
     import sys
-    import time
     import urllib.request
     from pathlib import Path
 
     root, _, _, _, params, _ = tracked
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).with_name("mlflow")
     cmd = [str(exe), "server", "--backend-store-uri", tracking.tracking_uri(params.mlflow),
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
-    log = open(root / "ui.log", "w")  # noqa: SIM115
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                assert server.poll() is None, (root / "ui.log").read_text()[-3000:]
-                assert time.time() < deadline, "mlflow server did not come up"
-                time.sleep(0.5)
+    with running(cmd, f"{base}/health", root / "ui.log"):
         run_id = json.loads((root / "m1" / "mlflow.json").read_text())["run_id"]
         with urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}") as r:
             run = json.loads(r.read())["run"]
@@ -320,10 +276,3 @@ def test_mlflow_server_on_localhost_browses_the_same_store(tracked):
             assert json.loads(r.read())["model"]["width"] == 4
         with urllib.request.urlopen(base + "/") as r:
             assert r.status == 200 and b"<html" in r.read().lower()
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()

@@ -7,14 +7,12 @@ worker: tests/test_flows.py.)"""
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from servers import free_port, running
 from test_train import TINY_MODEL, write_dataset
 
 from xcryonet import tracking
@@ -24,36 +22,17 @@ from xcryonet.stages import evaluate_model, make_dataset, register_model, train_
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tracking_server_with_database_backend_and_remote_artifacts(tmp_path, monkeypatch):
     squares, labels = write_dataset(tmp_path, n_per_grid=(24, 22), labelled_every=1)
     store, artifacts = tmp_path / "server" / "mlflow.db", tmp_path / "server" / "artifacts"
     store.parent.mkdir()
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).with_name("mlflow")
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115
-    server = subprocess.Popen(
-        [str(exe), "server", "--backend-store-uri", f"sqlite:///{store}",
-         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                    break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-                assert time.time() < deadline, "mlflow server did not come up"
-                time.sleep(0.5)
+    cmd = [str(exe), "server", "--backend-store-uri", f"sqlite:///{store}",
+           "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]  # fmt: skip
+    with running(cmd, f"{uri}/health", tmp_path / "server.log"):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         params = Params(
             model=TINY_MODEL,
@@ -75,13 +54,6 @@ def test_tracking_server_with_database_backend_and_remote_artifacts(tmp_path, mo
         via = evaluate_model("models:/xcryonet@champion", squares, labels, split_csv=split,
                              params=params)  # fmt: skip
         assert via["mae"] == json.loads(json.dumps(result["test_mae"]))
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 def test_distributed_data_parallel_two_processes_matches_one(tmp_path):
@@ -123,11 +95,8 @@ def test_dvc_remote_on_an_s3_compatible_server(tmp_path):
 
     import boto3
 
-    port = _free_port()
-    log = open(tmp_path / "s3.log", "w")  # noqa: SIM115
+    port = free_port()
     exe = Path(sys.executable).with_name("moto_server")
-    server = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
-                              stderr=subprocess.STDOUT)  # fmt: skip
     endpoint = f"http://127.0.0.1:{port}"
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
@@ -140,16 +109,8 @@ def test_dvc_remote_on_an_s3_compatible_server(tmp_path):
         return out
 
     dvc = [sys.executable, "-m", "dvc"]
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(endpoint, timeout=2):
-                    break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "s3.log").read_text()[-2000:]
-                assert time.time() < deadline, "moto_server did not come up"
-                time.sleep(0.3)
+    cmd = [str(exe), "-H", "127.0.0.1", "-p", str(port)]
+    with running(cmd, endpoint, tmp_path / "s3.log", timeout=60):
         s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
                           aws_secret_access_key="testing", region_name="us-east-1")  # fmt: skip
         s3.create_bucket(Bucket="facility")
@@ -168,10 +129,3 @@ def test_dvc_remote_on_an_s3_compatible_server(tmp_path):
         shutil.rmtree(repo / ".dvc" / "cache")
         sh(*dvc, "pull", "-q")
         assert (repo / "data" / "labels.csv").read_text() == labels
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()

@@ -364,44 +364,31 @@ def train_model(
     if split_csv is not None:
         _, rows = _split_rows(squares_dir, labels_csv, split_csv)
 
-    def run(callback: Any) -> dict[str, Any]:
-        if nproc > 1:
-            from xcryonet.distributed import train_distributed
+    common: dict[str, Any] = dict(
+        model_cfg=params.model,
+        variant=variant,
+        supervision=supervision,
+        labeled=labeled,
+        unlabeled=unlabeled,
+        rows=rows,
+    )
 
-            metrics = train_distributed(
-                squares_dir,
-                labels_csv,
-                out_dir,
-                params.train,
-                model_cfg=params.model,
-                world_size=nproc,
-                variant=variant,
-                supervision=supervision,
-                labeled=labeled,
-                unlabeled=unlabeled,
-                rows=rows,
+    def run(callback: Any) -> dict[str, Any]:
+        if nproc == 1:
+            return train(
+                squares_dir, labels_csv, out_dir, params.train, on_epoch=callback, **common
             )
-            for rec in metrics["curve"] if callback is not None else []:
-                seconds = metrics["train_seconds"] * rec["epoch"] / max(len(metrics["curve"]), 1)
-                callback(
-                    EpochRecord(
-                        rec["epoch"], metrics["epochs"], rec["losses"], rec["val_mae"], seconds
-                    )
-                )
-            return metrics
-        return train(
-            squares_dir,
-            labels_csv,
-            out_dir,
-            params.train,
-            model_cfg=params.model,
-            variant=variant,
-            supervision=supervision,
-            labeled=labeled,
-            unlabeled=unlabeled,
-            rows=rows,
-            on_epoch=callback,
+        from xcryonet.distributed import train_distributed
+
+        metrics = train_distributed(
+            squares_dir, labels_csv, out_dir, params.train, world_size=nproc, **common
         )
+        for rec in metrics["curve"] if callback is not None else []:
+            seconds = metrics["train_seconds"] * rec["epoch"] / max(len(metrics["curve"]), 1)
+            callback(
+                EpochRecord(rec["epoch"], metrics["epochs"], rec["losses"], rec["val_mae"], seconds)
+            )
+        return metrics
 
     if not track:
         return run(on_epoch)

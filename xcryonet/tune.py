@@ -63,6 +63,22 @@ def validation_rows(
     return lab[~val], lab[val]
 
 
+def trial_rows(
+    squares_dir: Path, labels_csv: Path, split_csv: Path, params: Params
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fit, unlabelled, validation) rows of ``train.read_table`` for the trials: the split's
+    training squares, with a stable ``tune.val_fraction`` of the labelled ones held out."""
+    from xcryonet.dataset import read_split, rows_from_split
+    from xcryonet.train import read_table
+
+    table = read_table(squares_dir, labels_csv)
+    lab, unl, _test = rows_from_split(table, read_split(split_csv), split_csv)
+    ids = zip(table["grid_id"].iloc[lab], table["square_id"].iloc[lab], strict=True)
+    fit, val = validation_rows(lab, [f"{g}/{s}" for g, s in ids], params.tune.val_fraction,
+                               params.train.seed)  # fmt: skip
+    return fit, unl, val
+
+
 def study_storage(cfg: TuneConfig) -> str:
     """The RDB URL of the study; a relative ``sqlite:///`` path is made absolute."""
     prefix = "sqlite:///"
@@ -99,18 +115,11 @@ def run_worker(
     import optuna
 
     from xcryonet import tracking
-    from xcryonet.dataset import read_split, rows_from_split
-    from xcryonet.train import read_table, train
+    from xcryonet.train import train
 
     cfg = params.tune
     metric = params.mlflow.metric
-    table = read_table(squares_dir, labels_csv)
-    lab, unl, _test = rows_from_split(table, read_split(split_csv), split_csv)
-    keys = [
-        f"{g}/{s}"
-        for g, s in zip(table["grid_id"].iloc[lab], table["square_id"].iloc[lab], strict=True)
-    ]
-    fit, val = validation_rows(lab, keys, cfg.val_fraction, params.train.seed)
+    fit, unl, val = trial_rows(squares_dir, labels_csv, split_csv, params)
     tracking.setup(params.mlflow)
     study = create_study(cfg)
     base = dataclasses.replace(params, train=dataclasses.replace(params.train, epochs=cfg.epochs))
@@ -215,6 +224,7 @@ def tune(
     n_trials = n_trials or cfg.trials
     if n_trials < 1 or workers < 1:
         raise InputError("tune", f"--trials and --workers must be >= 1, got {n_trials}, {workers}")
+    trial_rows(squares_dir, labels_csv, split_csv, params)  # bad input: no study, no run
     tracking.setup(params.mlflow)
     study = create_study(cfg)
     with mlflow.start_run(run_name=f"tune-{cfg.study}") as parent:
