@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,12 @@ import streamlit as st
 
 from xcryonet.config import load_params
 from xcryonet.errors import InputError
+
+# The Prefect flows (pipelines/) live beside the dashboard in the repository, not in the
+# package; streamlit puts only this folder on the path.
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])
+if _REPO_ROOT not in sys.path:
+    sys.path.append(_REPO_ROOT)
 
 PARAMS_PATH = os.environ.get("XCRYONET_PARAMS", "params.yaml")
 GRIDS_DIR = Path(os.environ.get("XCRYONET_GRIDS", "data/raw"))
@@ -87,10 +94,16 @@ def score_page() -> None:
     )
     atlas: Path | None = None
     if source == "Upload":
+        cap_mb = int(st.get_option("server.maxUploadSize"))
         files = st.file_uploader(
             "A stitched .mrc, a SerialEM .mrc with its .mdoc, or a .zip of an EPU atlas folder "
-            "(up to server.maxUploadSize, 1024 MB)",
+            f"(up to {cap_mb} MB each)",
             accept_multiple_files=True,
+        )
+        st.caption(
+            f"A file over {cap_mb} MB is refused before it reaches the app: it is marked red "
+            "(hover it for the reason). Larger atlases: raise server.maxUploadSize in "
+            ".streamlit/config.toml, or choose a grid under the data folder."
         )
         if files:
             from xcryonet.uploads import unpack_upload
@@ -172,6 +185,16 @@ def show_results(scored, atlas_name: str) -> None:
             ),
             caption="The square, and its cracking and contamination attention maps",
         )
+    # The navigator holds the selected squares: the top N that pass the filters, to which the
+    # operator may add or from which they may remove any square.
+    options = shown["square_id"].astype(int).tolist()
+    chosen = st.multiselect(
+        "Squares for the navigator",
+        options,
+        default=options[: int(top_n)],
+        format_func=lambda s: f"#{s}",
+        key=f"nav_pick_{scored.grid.grid_id}_{int(top_n)}_{len(shown)}",
+    )
     d1, d2 = st.columns(2)
     d1.download_button(
         "Targets CSV",
@@ -179,16 +202,16 @@ def show_results(scored, atlas_name: str) -> None:
         file_name=f"{scored.grid.grid_id}_targets.csv",
         mime="text/csv",
     )
-    picked = shown.head(int(top_n))
+    picked = shown[shown["square_id"].astype(int).isin(chosen)]
     if picked.empty:
-        d2.caption("No square passes the filters: no navigator file.")
+        d2.caption("No square selected: no navigator file.")
         return
     with tempfile.TemporaryDirectory() as tmp:
         nav = Path(tmp) / "targets.nav"
         write_navigator(nav, picked, grid_id=scored.grid.grid_id)
         nav_bytes = nav.read_bytes()
     d2.download_button(
-        f"SerialEM navigator (top {len(picked)} shown squares)",
+        f"SerialEM navigator ({len(picked)} selected squares)",
         io.BytesIO(nav_bytes),
         file_name=f"{scored.grid.grid_id}_targets.nav",
     )
@@ -278,8 +301,16 @@ def label_page() -> None:
             chosen[name] = st.radio(
                 name, [0, 1, 2, 3, 4], index=default, horizontal=True, key=f"lab_{name}_{sid}"
             )
+        st.caption("Keys: 0-4 set overall and save, Enter saves, Right skips, Left goes back.")
+        quick = None
+        for value, col in enumerate(st.columns(5)):
+            if col.button(f"Overall {value}", key=f"quick_overall_{value}", shortcut=str(value)):
+                quick = value
         b1, b2, b3 = st.columns(3)
-        if b1.button("Save label", type="primary", key="save_label"):
+        save = b1.button("Save label", type="primary", key="save_label", shortcut="Enter")
+        if save or quick is not None:
+            if quick is not None:
+                chosen["overall"] = quick
             pitch = float(row["pitch_um"]) if "pitch_um" in row else 100.0
             try:
                 action = save_label(
@@ -292,10 +323,10 @@ def label_page() -> None:
                 st.session_state[pos_key] = pos + 1
                 st.session_state["last_saved"] = f"{action} {grid_id} #{sid} in {LABELS_CSV}"
                 st.rerun()
-        if b2.button("Skip", key="skip_label"):
+        if b2.button("Skip", key="skip_label", shortcut="Right"):
             st.session_state[pos_key] = pos + 1
             st.rerun()
-        if b3.button("Back", key="back_label", disabled=pos == 0):
+        if b3.button("Back", key="back_label", disabled=pos == 0, shortcut="Left"):
             st.session_state[pos_key] = pos - 1
             st.rerun()
         if st.session_state.get("last_saved"):
@@ -314,9 +345,9 @@ def label_page() -> None:
                 f"data.dvc {'updated' if result['changed'] else 'unchanged'}: {result['md5']}"
             )
     if c2.button("Retrain now", key="retrain"):
-        from pipelines.flows import trigger_retrain
-
         try:
+            from pipelines.flows import trigger_retrain
+
             st.success(f"Retraining started: flow run {trigger_retrain()}")
         except Exception as err:  # the Prefect server or deployment is not there
             st.error(f"Could not start retraining ({type(err).__name__}: {err}). Start "

@@ -52,7 +52,15 @@ def test_score_page_scores_a_grid_and_shows_every_part(app):
     app.selectbox[2].set_value(last).run()
     assert app.get("image")[1].value != first_maps
     assert not app.exception
-    assert any("SerialEM navigator" in b.label for b in app.get("download_button"))
+    # The navigator: the top N preselected; the operator picks any squares instead.
+    pick = app.multiselect[0]
+    assert pick.value == [int(r) for r in table["square_id"][:20]]
+    nav = [b for b in app.get("download_button") if "SerialEM navigator" in b.label]
+    assert nav and "(20 selected squares)" in nav[0].label
+    wanted = [int(table["square_id"].iloc[-1]), int(table["square_id"].iloc[0])]
+    pick.set_value(wanted).run()
+    nav = [b for b in app.get("download_button") if "SerialEM navigator" in b.label]
+    assert "(2 selected squares)" in nav[0].label
 
 
 def test_a_corrupt_upload_shows_the_readers_one_line_error(app):
@@ -117,3 +125,121 @@ def test_compare_page_lists_runs_and_compares_them(store, monkeypatch):
     assert sorted(trials["number"]) == [0, 1, 2]
     assert "params_lr" in trials.columns
     assert not any("No study yet" in i.value for i in at.info)
+
+
+def _label_env(store: Path, labels: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "XCRYONET_SQUARES": str(store / "squares"),
+        "XCRYONET_LABELS": str(labels),
+        "XCRYONET_PARAMS": str(store / "params.yaml"),
+        "MLFLOW_TRACKING_URI": store_uri(store),
+    }
+
+
+def test_two_labelling_sessions_at_once_lose_nothing(store, tmp_path):
+    """Two dashboard sessions, each its own process, save 100 labels each into one labels.csv
+    at the same time (one grid each, several passes over its squares)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from xcryonet.labels import read_labels
+    from xcryonet.stages import label_table
+
+    labels = tmp_path / "labels.csv"
+    shutil.copy(store / "labels.csv", labels)
+    squares = store / "squares"
+    grids = sorted(p.name for p in squares.iterdir() if (p / "squares.csv").is_file())
+    assert len(grids) == 2
+    before = label_table(squares, labels).set_index(["grid_id", "square_id"])
+    session = str(Path(__file__).with_name("dashboard_session.py"))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, session, "label", grid, "100"],
+            env=_label_env(store, labels),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for grid in grids
+    ]
+    outs = [p.communicate(timeout=1200) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    saved = {
+        (grid, int(sid)): scores
+        for grid, (out, _) in zip(grids, outs, strict=True)
+        for sid, scores in json.loads(out.strip().splitlines()[-1]).items()
+    }
+    after = label_table(squares, labels).set_index(["grid_id", "square_id"])
+    assert len(saved) > 60  # both sessions went round their grid's squares
+    for key, row in after.iterrows():
+        want = saved.get(key)
+        if want is None:  # untouched: as before
+            assert row["labelled"] == before.loc[key, "labelled"]
+            continue
+        assert row["labelled"], key
+        got = {name: int(row[f"label_{name}"]) for name in want}
+        assert got == want, (key, got, want)
+    # One row per labelled square: nothing duplicated, nothing dropped.
+    assert len(read_labels(labels)) == int(after["labelled"].sum())
+
+
+def test_label_page_commits_the_labels_to_dvc(store, monkeypatch, tmp_path):
+    """Label a square with the overall quick button (key 2), then "Commit labels to DVC" in a
+    real DVC repo: data.dvc gets the new md5, and a second commit changes nothing."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    labels = repo / "data" / "labels.csv"
+    shutil.copy(store / "labels.csv", labels)
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
+                [sys.executable, "-m", "dvc", "add", "-q", "data"]):  # fmt: skip
+        subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
+    md5 = lambda: yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]  # noqa: E731
+    first = md5()
+    for name, value in _label_env(store, labels).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("XCRYONET_REPO", str(repo))
+    at = AppTest.from_file(APP, default_timeout=180).run()
+    at.sidebar.radio(key="page").set_value("Label squares").run()
+    rows = labels.read_text().count("\n")
+    at.button(key="quick_overall_2").click().run()
+    assert not at.exception, at.exception
+    assert labels.read_text().count("\n") == rows + 1
+    assert labels.read_text().splitlines()[-1].endswith(",2")
+    at.button(key="commit_labels").click().run()
+    assert [m.value for m in at.success if "data.dvc" in m.value] == [f"data.dvc updated: {md5()}"]
+    assert md5() != first
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "data.dvc"], cwd=repo,
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    assert "up to date" in status.stdout
+    at.button(key="commit_labels").click().run()
+    assert any(m.value.startswith("data.dvc unchanged") for m in at.success)
+
+
+def test_retrain_button_without_a_server_says_what_to_start(store, monkeypatch, tmp_path):
+    from servers import free_port
+
+    for name, value in _label_env(store, tmp_path / "labels.csv").items():
+        monkeypatch.setenv(name, value)
+    # Nothing listens there; a one-line message, not a traceback.
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{free_port()}/api")
+    session = Path(__file__).with_name("dashboard_session.py")
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(session), "retrain"], capture_output=True,
+                         text=True, timeout=600, env=dict(os.environ))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["success"] == []
+    assert len(result["error"]) == 1 and "make prefect-server" in result["error"][0]

@@ -87,8 +87,14 @@ def test_score_inspect_and_label_in_chromium(server, tmp_path):
         page.get_by_role("button", name="Save label").click()
         expect(page.get_by_text("added grid01", exact=False)).to_be_visible()
         page.screenshot(path=shots / "4-labelled.png", full_page=True)
+        # The next square by keyboard alone: key 3 sets overall 3 and saves.
+        first = page.get_by_text("added grid01", exact=False).inner_text()
+        page.keyboard.press("3")
+        expect(page.get_by_text("added grid01", exact=False)).not_to_have_text(first)
         browser.close()
-    assert labels.read_text().count("\n") == before + 1
+    lines = labels.read_text().splitlines()
+    assert len(lines) == before + 2
+    assert lines[-1].endswith(",3")
     assert all((shots / n).stat().st_size > 10_000 for n in
                ("1-loaded.png", "2-scored.png", "3-square.png", "4-labelled.png"))  # fmt: skip
 
@@ -122,3 +128,35 @@ def test_upload_a_serialem_montage_and_a_corrupt_zip_in_chromium(server, store, 
             page.screenshot(path=tmp_path / f"upload-{files[0].suffix[1:]}.png", full_page=True)
             page.close()
         browser.close()
+
+
+def test_an_upload_over_the_size_cap_gets_a_clear_message(store, tmp_path):
+    """``server.maxUploadSize`` (1024 MB in .streamlit/config.toml; 1 MB here) refuses a bigger
+    file in the browser with a plain message, and the app never sees it."""
+    from playwright.sync_api import expect, sync_playwright
+
+    big = tmp_path / "big.mrc"
+    big.write_bytes(b"\0" * (3 << 20))
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri(store), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboards" / "app.py"),
+           "--server.port", str(port), "--server.address", "127.0.0.1",
+           "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--server.maxUploadSize", "1"]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    with running(cmd, f"{url}/_stcore/health", tmp_path / "streamlit.log", env=env, cwd=ROOT):
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                        args=["--no-sandbox", "--disable-gpu"])  # fmt: skip
+            expect.set_options(timeout=120_000)
+            page = browser.new_page(viewport={"width": 1500, "height": 1100})
+            page.goto(url)
+            expect(page.get_by_role("heading", name="Score a grid")).to_be_visible()
+            page.get_by_text("Upload", exact=True).click()
+            expect(page.get_by_text("(up to 1 MB each)", exact=False)).to_be_visible()
+            page.locator('input[type="file"]').set_input_files(str(big))
+            page.get_by_text("big.mrc").hover()
+            expect(page.get_by_text("File must be 1.0MB or smaller", exact=False)).to_be_visible()
+            assert page.get_by_role("button", name="Score").count() == 0
+            page.screenshot(path=tmp_path / "too-big.png", full_page=True)
+            browser.close()

@@ -1,6 +1,7 @@
 """Prefect flows: tasks through .fn(), flows under one session-scoped test harness, and one
 integration test against a real `prefect server` with a cron-scheduled deployment."""
 
+import json
 import os
 import subprocess
 import sys
@@ -119,9 +120,10 @@ def test_extract_flow_on_a_local_dask_cluster(harness, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_scheduled_retrain_deployment_on_a_real_server(tmp_path):
+def test_scheduled_retrain_deployment_on_a_real_server(tmp_path, store):
     """`prefect server start` on 127.0.0.1, `python -m pipelines.serve` with a cron schedule,
-    a triggered run of the deployment completes (nothing changed: it says so)."""
+    a triggered run of the deployment completes (nothing changed: it says so), and so does the
+    run that the dashboard's "Retrain now" button starts."""
     repo = tmp_path / "repo"
     repo.mkdir()
     sh = lambda *a: subprocess.run(a, cwd=repo, check=True, capture_output=True)  # noqa: E731
@@ -168,6 +170,34 @@ def test_scheduled_retrain_deployment_on_a_real_server(tmp_path):
         assert run.returncode == 0, run.stdout + run.stderr + Path(logs[1]).read_text()[-3000:]
         assert "Completed" in run.stdout, run.stdout
         assert "nothing changed" in Path(logs[1]).read_text()
+
+        # The dashboard's "Retrain now" (its own process, as a browser session would be).
+        dashboard_env = {
+            **env,
+            "XCRYONET_SQUARES": str(store / "squares"),
+            "XCRYONET_LABELS": str(tmp_path / "labels.csv"),
+            "XCRYONET_PARAMS": str(store / "params.yaml"),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlruns.db'}",
+        }
+        pressed = subprocess.run(
+            [sys.executable, str(ROOT / "tests" / "dashboard_session.py"), "retrain"],
+            env=dashboard_env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert pressed.returncode == 0, pressed.stderr[-3000:]
+        result = json.loads(pressed.stdout.strip().splitlines()[-1])
+        assert result["error"] == [] and len(result["success"]) == 1, result
+        run_id = result["success"][0].rsplit(" ", 1)[-1]
+        deadline = time.time() + 150
+        while True:
+            state = subprocess.run(
+                [prefect, "flow-run", "inspect", run_id],
+                env=env, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert state.returncode == 0, state.stdout + state.stderr
+            if "COMPLETED" in state.stdout or time.time() > deadline:
+                break
+            time.sleep(2)
+        assert "COMPLETED" in state.stdout, state.stdout[-2000:]
 
         # The same flow through a work pool: the server holds the deployment, a process
         # worker (one per machine, in production) picks up its run.

@@ -61,6 +61,10 @@ class ExtractConfig:
     """Square extraction settings (``extract:`` in params.yaml)."""
 
     out_dir: str = "squares"
+    # Divide tiled atlases (EPU tiles, SerialEM pieces) by their illumination profile, estimated
+    # from the tiles, before stitching: vignetting otherwise makes a square's brightness depend
+    # on where it lay in its tile (up to 20 %). A single stitched MRC is used as it is.
+    flat_field: bool = True
     # The pitch and orientation are read off the atlas downsampled to about this side (px).
     fourier_px: int = 1024
     # The coarse matching pass runs at about this many pixels per mesh pitch.

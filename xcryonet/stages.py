@@ -88,7 +88,7 @@ def extract_atlas(atlas_path: Path, cfg: ExtractConfig) -> ExtractedGrid:
     from xcryonet.extract import NoLatticeError, crop_square, find_squares
     from xcryonet.io import grid_id_for, read_atlas
 
-    atlas = read_atlas(atlas_path)
+    atlas = read_atlas(atlas_path, flat_field=cfg.flat_field)
     if atlas.image is None:
         raise InputError(atlas_path, "has metadata but no image (no tiles and no stitched atlas)")
     image = atlas.image

@@ -20,7 +20,7 @@ from xcryonet.io.atlas import Atlas, SoftwareSquare, Tile, centred_affine, fit_s
 from xcryonet.io.epu import EpuAtlasMeta, parse_atlas_dm, parse_microscope_image
 from xcryonet.io.mrc import MrcHeader, read_mrc, read_mrc_header
 from xcryonet.io.serialem import parse_mdoc
-from xcryonet.io.stitch import stitch_tiles
+from xcryonet.io.stitch import estimate_flat_field, stitch_tiles
 
 # A pair of tiles is re-aligned from its overlap only within this distance of the metadata: real
 # stage errors are a few µm, and a larger "correction" is a false match.
@@ -33,13 +33,16 @@ _MAX_PIXELS = 1 << 31
 MIN_SIDE_PX = 8
 
 
-def read_atlas(path: str | Path, *, load_image: bool = True) -> Atlas:
+def read_atlas(path: str | Path, *, load_image: bool = True, flat_field: bool = True) -> Atlas:
     """Read an atlas in any supported layout (see the module docstring).
 
     Args:
         path: the atlas file or folder.
         load_image: read and stitch the pixels; with False only metadata and MRC headers are
             read, and ``Atlas.image`` is None.
+        flat_field: divide tiles (EPU tiles, SerialEM pieces) by their illumination profile,
+            estimated from the tiles (``stitch.estimate_flat_field``), before blending; the
+            result is noted in ``Atlas.affine_source``. A single MRC is used as it is.
 
     Returns:
         The ``Atlas``. Its image is at the tiles' native resolution (EPU tiles, SerialEM
@@ -51,10 +54,10 @@ def read_atlas(path: str | Path, *, load_image: bool = True) -> Atlas:
     path = Path(path)
     kind, target, mdoc = _detect(path)
     if kind == "epu":
-        return _read_epu(target, load_image)
+        return _read_epu(target, load_image, flat_field)
     if kind == "serialem":
         assert mdoc is not None
-        return _read_serialem(target, mdoc, load_image)
+        return _read_serialem(target, mdoc, load_image, flat_field)
     return _read_single(target, load_image)
 
 
@@ -252,7 +255,33 @@ def _read_single(path: Path, load_image: bool) -> Atlas:
 # ----------------------------------------------------------------------------- SerialEM
 
 
-def _read_serialem(mrc_path: Path, mdoc_path: Path, load_image: bool) -> Atlas:
+def _stitch(
+    tiles: list[np.ndarray],
+    origins: np.ndarray,
+    shape: tuple[int, int],
+    max_shift_px: float,
+    flat_field: bool,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Stitch (see ``stitch_tiles``), flat-field corrected when asked and possible.
+
+    Returns:
+        image, placed origins (N, 2) px, and a note for ``Atlas.affine_source``.
+    """
+    flat = estimate_flat_field(tiles) if flat_field else None
+    image, placed = stitch_tiles(tiles, origins, shape=shape, max_shift_px=max_shift_px, flat=flat)
+    if flat is not None:
+        depth = float(flat.min())
+        note = f"; flat-field corrected (tile corners down to {depth:.2f} of the centre)"
+    elif flat_field:
+        note = "; no flat-field correction (too few tiles or open areas to estimate one)"
+    else:
+        note = ""
+    return image, placed, note
+
+
+def _read_serialem(
+    mrc_path: Path, mdoc_path: Path, load_image: bool, flat_field: bool = True
+) -> Atlas:
     mdoc = parse_mdoc(mdoc_path)
     hdr = read_mrc_header(mrc_path)
     nz, ny, nx = hdr.shape
@@ -279,12 +308,13 @@ def _read_serialem(mrc_path: Path, mdoc_path: Path, load_image: bool) -> Atlas:
         pixel_size = hdr.pixel_size_um
     image = None
     placed = np.rint(origins)
+    flat_note = ""
     if load_image:
         data, _ = read_mrc(mrc_path)
         stack = data if data.ndim == 3 else data[None]
         max_shift = _max_shift_px(pixel_size, 1.0)
-        image, placed = stitch_tiles(
-            [stack[k] for k in range(nz)], origins, shape=shape, max_shift_px=max_shift
+        image, placed, flat_note = _stitch(
+            [stack[k] for k in range(nz)], origins, shape, max_shift, flat_field
         )
     centres = placed + (sizes - 1) / 2
     stage = [p.stage_xy_um for p in mdoc.pieces]
@@ -309,7 +339,7 @@ def _read_serialem(mrc_path: Path, mdoc_path: Path, load_image: bool) -> Atlas:
         shape=shape,
         pixel_size_um=pixel_size,
         affine=affine,
-        affine_source=f"{source}; placement from {coord_name}",
+        affine_source=f"{source}; placement from {coord_name}{flat_note}",
         tiles=tiles,
     )
 
@@ -323,7 +353,7 @@ def _max_shift_px(pixel_size_um: float | None, quantum_px: float) -> float:
 # ----------------------------------------------------------------------------- EPU
 
 
-def _read_epu(dm_path: Path, load_image: bool) -> Atlas:
+def _read_epu(dm_path: Path, load_image: bool, flat_field: bool = True) -> Atlas:
     meta = parse_atlas_dm(dm_path)
     folder = dm_path.parent
     tile_paths = [folder / f"{t.base_name}.mrc" for t in meta.tiles]
@@ -336,7 +366,7 @@ def _read_epu(dm_path: Path, load_image: bool) -> Atlas:
             "tiles present)",
         )
     if all(present):
-        return _read_epu_tiles(meta, tile_paths, load_image)
+        return _read_epu_tiles(meta, tile_paths, load_image, flat_field)
     return _read_epu_without_tiles(meta, load_image)
 
 
@@ -357,7 +387,9 @@ def _software_squares(
     )
 
 
-def _read_epu_tiles(meta: EpuAtlasMeta, tile_paths: list[Path], load_image: bool) -> Atlas:
+def _read_epu_tiles(
+    meta: EpuAtlasMeta, tile_paths: list[Path], load_image: bool, flat_field: bool = True
+) -> Atlas:
     """EPU with its tile MRCs: stitch at native resolution."""
     headers = [_single_image_header(p, "the tile") for p in tile_paths]
     tile_shapes = np.array([(h.shape[1], h.shape[2]) for h in headers], dtype=np.float64)
@@ -402,10 +434,11 @@ def _read_epu_tiles(meta: EpuAtlasMeta, tile_paths: list[Path], load_image: bool
 
     image = None
     placed = np.rint(frame_origins)
+    flat_note = ""
     if load_image:
         tiles = [read_mrc(p)[0] for p in tile_paths]
-        image, placed = stitch_tiles(
-            tiles, frame_origins, shape=shape, max_shift_px=_max_shift_px(pixel_size, scale)
+        image, placed, flat_note = _stitch(
+            tiles, frame_origins, shape, _max_shift_px(pixel_size, scale), flat_field
         )
     centres = placed + (tile_shapes - 1) / 2
     affine, source, pixel_size = _stage_affine(meta.path, centres, stage, shape, pixel_size, "tile")
@@ -426,7 +459,7 @@ def _read_epu_tiles(meta: EpuAtlasMeta, tile_paths: list[Path], load_image: bool
         shape=shape,
         pixel_size_um=pixel_size,
         affine=affine,
-        affine_source=f"{source}{size_note}; stitched from {len(tile_paths)} tiles",
+        affine_source=f"{source}{size_note}; stitched from {len(tile_paths)} tiles{flat_note}",
         tiles=tiles_out,
         software_squares=_software_squares(meta, scale, shift_rc),
     )

@@ -29,6 +29,7 @@ def stitch_tiles(
     max_shift_px: float = 32.0,
     min_overlap_px: int = 16,
     min_corr: float = 0.3,
+    flat: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Place tiles at their origins, refine the offsets from the overlaps, and blend.
 
@@ -52,6 +53,9 @@ def stitch_tiles(
         max_shift_px: largest accepted correction of a pair offset, px.
         min_overlap_px: pairs overlapping by less than this (in either axis) are not registered.
         min_corr: smallest accepted normalised cross-correlation of a registered overlap.
+        flat: the tiles' illumination profile (rows, cols), 1 where brightest (see
+            ``estimate_flat_field``); every tile is divided by it before blending. All tiles
+            must then have its shape. None: no correction.
 
     Returns:
         ``(image, origins)``: the float32 (rows, cols) image, and the (N, 2) float64 origins the
@@ -76,8 +80,114 @@ def stitch_tiles(
         common = np.arctan2(np.sin(phase).mean(axis=0), np.cos(phase).mean(axis=0)) / (2 * np.pi)
         delta -= common
         base = base + np.rint(delta).astype(np.int64)
-    image = _blend(tiles, base, shapes, shape)
+    if flat is not None and (shapes != np.array(flat.shape)).any():
+        raise ValueError(f"flat field {flat.shape} does not match every tile's shape")
+    image = _blend(tiles, base, shapes, shape, flat)
     return image, base.astype(np.float64)
+
+
+def _poly_terms(y: np.ndarray, x: np.ndarray, degree: int) -> list[np.ndarray]:
+    """Monomials y^i x^j, 0 < i + j <= degree (no constant), broadcast over y and x."""
+    return [y**i * x**j for i in range(degree + 1) for j in range(degree + 1 - i) if i + j]
+
+
+def estimate_flat_field(
+    tiles: Sequence[np.ndarray],
+    *,
+    degree: int = 2,
+    factor: int = 8,
+    open_fraction: float = 0.3,
+    min_tiles: int = 16,
+    min_segment_px: int = 30,
+    min_segments: int = 20,
+) -> np.ndarray | None:
+    """The illumination profile (vignetting) common to all tiles, from the tiles themselves.
+
+    Every tile is block-averaged by ``factor`` and thresholded into open areas (brighter than
+    its 5th percentile + ``open_fraction`` x (90th - 5th)). Each eroded connected open area
+    (one grid square, or the part of one that a tile sees) has its own unknown level: its ice.
+    So the profile is fitted *within* areas: log intensity minus the area's mean, against a
+    polynomial in tile coordinates minus its mean over the same pixels (a fixed-effects least
+    squares fit, refitted once without pixels over 3 robust s.d. off: cracks, contamination).
+    Ice that differs from square to square then cannot leak into the profile, as it does when
+    tiles are simply averaged.
+
+    Args:
+        tiles: N tiles (rows, cols) of one shape, any real dtype (memory maps are read once).
+        degree: degree of the polynomial in the tile's (row, col), each scaled to [-1, 1].
+        factor: block size for the fit, px.
+        open_fraction: the open-area threshold, as in extraction.
+        min_tiles, min_segment_px, min_segments: below these (tiles, block pixels of one area,
+            areas in all) the profile is not estimated.
+
+    Returns:
+        float32 (rows, cols), 1 at the brightest point and < 1 elsewhere; None when there are
+        too few tiles or open areas, the tiles differ in shape, the profile is flat (under
+        1 %) or implausible (a drop of over 60 %), or the fits to the even and the odd tiles
+        differ (rms over the tile) by more than its own rms depth.
+    """
+    if len(tiles) < min_tiles or len({t.shape[-2:] for t in tiles}) != 1:
+        return None
+    h, w = tiles[0].shape[-2:]
+    hb, wb = h // factor, w // factor
+    if hb < 8 or wb < 8:
+        return None
+    yc = ((np.arange(hb) + 0.5) * factor / h * 2 - 1)[:, None]
+    xc = ((np.arange(wb) + 0.5) * factor / w * 2 - 1)[None, :]
+    terms = [np.broadcast_to(t, (hb, wb)) for t in _poly_terms(yc, xc, degree)]
+    design: list[np.ndarray] = []
+    target: list[np.ndarray] = []
+    half: list[int] = []  # which half of the tiles (even / odd index) an area came from
+    for i, tile in enumerate(tiles):
+        a = np.asarray(tile[: hb * factor, : wb * factor], dtype=np.float32)
+        a = a.reshape(hb, factor, wb, factor).mean(axis=(1, 3))
+        p5, p90 = np.percentile(a, [5, 90])
+        if not p90 > p5:
+            continue
+        lab, n = ndi.label(ndi.binary_erosion(a > p5 + open_fraction * (p90 - p5)))
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)
+        for k in np.flatnonzero(sizes[1:] >= min_segment_px) + 1:
+            m = lab == k
+            vals = a[m]
+            if vals.min() <= 0:
+                continue
+            la = np.log(vals)
+            block = np.stack([t[m] for t in terms], axis=1)
+            design.append(block - block.mean(axis=0))
+            target.append(la - la.mean())
+            half.append(i % 2)
+    if len(design) < min_segments:
+        return None
+    yf = ((np.arange(h) + 0.5) / h * 2 - 1)[:, None]
+    xf = ((np.arange(w) + 0.5) / w * 2 - 1)[None, :]
+    full_terms = _poly_terms(yf, xf, degree)
+
+    def fit(pick: list[int]) -> np.ndarray:
+        d = np.concatenate([design[k] for k in pick])
+        b = np.concatenate([target[k] for k in pick])
+        coef, *_ = np.linalg.lstsq(d, b, rcond=None)
+        resid = b - d @ coef
+        keep = np.abs(resid) < 3 * 1.4826 * max(float(np.median(np.abs(resid))), 1e-12)
+        coef, *_ = np.linalg.lstsq(d[keep], b[keep], rcond=None)
+        log_flat = np.zeros((h, w))
+        for c, t in zip(coef, full_terms, strict=True):
+            log_flat += c * t
+        return log_flat - log_flat.max()
+
+    log_flat = fit(list(range(len(design))))
+    drop = float(-log_flat.min())
+    # Texture inside the open areas can fake a profile when there are few tiles. The fits to
+    # the two halves of the tiles differ by about twice the full fit's error (rms over the
+    # tile), which must be under half the profile's own rms depth.
+    halves = [[k for k, hk in enumerate(half) if hk == j] for j in (0, 1)]
+    if min(len(p) for p in halves) < min_segments // 2:
+        return None
+    diff = fit(halves[0]) - fit(halves[1])
+    disagree = float(diff.std())
+    depth = float(log_flat.std())
+    if not np.isfinite(drop) or drop < 0.01 or drop > -np.log(0.4) or disagree > depth:
+        return None
+    return np.exp(log_flat).astype(np.float32)
 
 
 def tent_weight(length: int) -> np.ndarray:
@@ -92,10 +202,15 @@ def _workers() -> int:
 
 
 def _blend(
-    tiles: Sequence[np.ndarray], base: np.ndarray, shapes: np.ndarray, shape: tuple[int, int]
+    tiles: Sequence[np.ndarray],
+    base: np.ndarray,
+    shapes: np.ndarray,
+    shape: tuple[int, int],
+    flat: np.ndarray | None = None,
 ) -> np.ndarray:
     """Weighted average of the tiles placed at integer ``base`` origins, one row band at a time
-    (bands in parallel threads; each writes only its own rows of the output)."""
+    (bands in parallel threads; each writes only its own rows of the output). Each tile is
+    divided by ``flat`` first when it is given."""
     rows, cols = shape
     image = np.zeros((rows, cols), dtype=np.float32)
     if rows == 0 or cols == 0:
@@ -103,6 +218,7 @@ def _blend(
     band = max(16, _BAND_PIXELS // max(1, cols))
     wr = [tent_weight(int(h)) for h in shapes[:, 0]]
     wc = [tent_weight(int(w)) for w in shapes[:, 1]]
+    inv = None if flat is None else (1.0 / flat).astype(np.float32)
 
     def blend_band(b0: int) -> None:
         b1 = min(rows, b0 + band)
@@ -118,6 +234,8 @@ def _blend(
             w_c = wc[k][c0 - c : c1 - c]
             block = np.multiply(tile[r0 - r : r1 - r, c0 - c : c1 - c], w_r, dtype=np.float32)
             block *= w_c
+            if inv is not None:
+                block *= inv[r0 - r : r1 - r, c0 - c : c1 - c]
             num[r0 - b0 : r1 - b0, c0:c1] += block
             np.multiply(w_r, w_c, out=block)
             den[r0 - b0 : r1 - b0, c0:c1] += block
