@@ -75,7 +75,7 @@ def test_score_inspect_and_label_in_chromium(server, tmp_path):
         page.screenshot(path=shots / "2-scored.png", full_page=True)
         # Another square's attention maps.
         first_src = images.nth(1).get_attribute("src")
-        combo = page.get_by_role("combobox", name="Square")
+        combo = page.get_by_role("combobox", name="Square", exact=True)
         combo.click()
         combo.press("ArrowDown")  # opens the list
         page.get_by_role("option").nth(2).click()
