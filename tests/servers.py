@@ -28,11 +28,14 @@ def wait_http(url, proc, log_path, timeout=120):
 
 
 def stop(proc):
+    """Terminate, and kill after 20 s; always reap the process (an unreaped Popen warns, and
+    warnings are errors here)."""
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait(timeout=30)
 
 
 @contextmanager

@@ -73,9 +73,14 @@ def render_overview(
     draw = ImageDraw.Draw(rgb)
     n = len(rows)
     median_side = float(np.median(np.asarray(sizes, float))) / factor if n else 0.0
-    # Numbers about a third of a square high stay legible without hiding the square.
-    font = ImageFont.load_default(size=int(np.clip(median_side / 3, 9, 28)))
     numbers = list(range(n)) if numbers is None else list(numbers)
+    # Numbers about a third of a square high stay legible without hiding the square. When only
+    # a few squares are numbered (the top N by rank), they may cover more of theirs: two thirds,
+    # outlined in black so that they read over bright and dark squares alike.
+    few = sum(x is not None for x in numbers) <= max(1, n // 4)
+    size = int(np.clip(median_side * (2 / 3 if few else 1 / 3), 9, 56 if few else 28))
+    font = ImageFont.load_default(size=size)
+    stroke = max(1, size // 8) if few else 0
     corners = np.array([[-1, -1], [-1, 1], [1, 1], [1, -1]], float)  # (a, b) along (e1, e2)
     for i in range(n):
         r, c, half = rows[i] / factor, cols[i] / factor, sizes[i] / factor / 2
@@ -88,5 +93,8 @@ def render_overview(
         polygon = [(float(c + dc), float(r + dr)) for dr, dc in zip(d_row, d_col, strict=True)]
         draw.polygon(polygon, outline=colour, width=1 if half < 20 else 2)
         if numbers[i] is not None:
-            draw.text((c, r), str(numbers[i]), fill=colour, font=font, anchor="mm")
+            draw.text(
+                (c, r), str(numbers[i]), fill=colour, font=font, anchor="mm",
+                stroke_width=stroke, stroke_fill=(0, 0, 0),
+            )  # fmt: skip
     return rgb
