@@ -3,6 +3,7 @@
 import os
 
 import pytest
+from dashboard_session import store_uri
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -67,7 +68,3 @@ def store(tmp_path_factory):
     (root / "params.yaml").write_text(yaml.safe_dump(to_dict(tuned)))
     os.environ["MLFLOW_TRACKING_URI"] = old
     return root
-
-
-def store_uri(root):
-    return f"sqlite:///{root / 'mlruns.db'}"

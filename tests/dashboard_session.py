@@ -11,13 +11,33 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from streamlit.testing.v1 import AppTest
+if TYPE_CHECKING:
+    from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboards" / "app.py")
 
 
+def store_uri(root: Path) -> str:
+    """The tracking URI of the ``store`` fixture (tests/conftest.py)."""
+    return f"sqlite:///{root / 'mlruns.db'}"
+
+
+def app_env(store: Path, labels: Path) -> dict[str, str]:
+    """The variables the app reads, pointed at the ``store`` fixture and at ``labels``."""
+    return {
+        "MLFLOW_TRACKING_URI": store_uri(store),
+        "XCRYONET_GRIDS": str(store / "raw"),
+        "XCRYONET_SQUARES": str(store / "squares"),
+        "XCRYONET_LABELS": str(labels),
+        "XCRYONET_PARAMS": str(store / "params.yaml"),
+    }
+
+
 def _label_page() -> AppTest:
+    from streamlit.testing.v1 import AppTest
+
     at = AppTest.from_file(APP, default_timeout=180).run()
     at.sidebar.radio(key="page").set_value("Label squares").run()
     assert not at.exception, at.exception

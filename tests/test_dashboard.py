@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+from dashboard_session import app_env
 from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -12,18 +13,37 @@ APP = str(ROOT / "dashboards" / "app.py")
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def _restore_main_module():
+    """AppTest leaves ``sys.modules["__main__"]`` set to the app script, so a process spawned
+    later in the session (Dask workers, Optuna workers, torch DDP) would run the app on start
+    up. Put the real one back after each test."""
+    import sys
+
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
+
+
+def _use_store(monkeypatch, store: Path, labels: Path) -> None:
+    """Point the app at the ``store`` fixture (tests/conftest.py) and at ``labels``."""
+    for name, value in app_env(store, labels).items():
+        monkeypatch.setenv(name, value)
+
+
+def _copy_labels(store: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    labels = tmp_path / "labels.csv"
+    shutil.copy(store / "labels.csv", labels)
+    return labels
+
+
 @pytest.fixture
-def app(store, monkeypatch):
-    monkeypatch.setenv("XCRYONET_GRIDS", str(store / "raw"))
-    monkeypatch.setenv("XCRYONET_PARAMS", str(store / "params.yaml"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(store))
+def app(store, monkeypatch, tmp_path):
+    _use_store(monkeypatch, store, _copy_labels(store, tmp_path))
     at = AppTest.from_file(APP, default_timeout=180)
     return at.run()
-
-
-def store_uri(root):
-    """The tracking URI of the ``store`` fixture (tests/conftest.py)."""
-    return f"sqlite:///{root / 'mlruns.db'}"
 
 
 def test_score_page_scores_a_grid_and_shows_every_part(app):
@@ -75,17 +95,11 @@ def test_a_corrupt_upload_shows_the_readers_one_line_error(app):
         unpack_upload([("atlas.zip", b"junk")], Path(os.environ.get("TMPDIR", "/tmp")) / "u")
 
 
-def test_label_page_saves_labels_in_order_and_commits(store, monkeypatch, tmp_path):
-    import shutil
-
+def test_label_page_saves_labels_in_uncertainty_order(store, monkeypatch, tmp_path):
     from xcryonet.labels import read_labels
 
-    labels = tmp_path / "labels.csv"
-    shutil.copy(store / "labels.csv", labels)
-    monkeypatch.setenv("XCRYONET_SQUARES", str(store / "squares"))
-    monkeypatch.setenv("XCRYONET_LABELS", str(labels))
-    monkeypatch.setenv("XCRYONET_PARAMS", str(store / "params.yaml"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(store))
+    labels = _copy_labels(store, tmp_path)
+    _use_store(monkeypatch, store, labels)
     at = AppTest.from_file(APP, default_timeout=180).run()
     at.sidebar.radio(key="page").set_value("Label squares").run()
     assert not at.exception, at.exception
@@ -108,9 +122,8 @@ def test_label_page_saves_labels_in_order_and_commits(store, monkeypatch, tmp_pa
     assert at.get("image")[0].proto.imgs[0].caption != first
 
 
-def test_compare_page_lists_runs_and_compares_them(store, monkeypatch):
-    monkeypatch.setenv("XCRYONET_PARAMS", str(store / "params.yaml"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(store))
+def test_compare_page_lists_runs_and_compares_them(store, monkeypatch, tmp_path):
+    _use_store(monkeypatch, store, _copy_labels(store, tmp_path))
     at = AppTest.from_file(APP, default_timeout=180).run()
     at.sidebar.radio(key="page").set_value("Compare runs").run()
     assert not at.exception, at.exception
@@ -127,29 +140,17 @@ def test_compare_page_lists_runs_and_compares_them(store, monkeypatch):
     assert not any("No study yet" in i.value for i in at.info)
 
 
-def _label_env(store: Path, labels: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "XCRYONET_SQUARES": str(store / "squares"),
-        "XCRYONET_LABELS": str(labels),
-        "XCRYONET_PARAMS": str(store / "params.yaml"),
-        "MLFLOW_TRACKING_URI": store_uri(store),
-    }
-
-
 def test_two_labelling_sessions_at_once_lose_nothing(store, tmp_path):
     """Two dashboard sessions, each its own process, save 100 labels each into one labels.csv
     at the same time (one grid each, several passes over its squares)."""
     import json
-    import shutil
     import subprocess
     import sys
 
     from xcryonet.labels import read_labels
     from xcryonet.stages import label_table
 
-    labels = tmp_path / "labels.csv"
-    shutil.copy(store / "labels.csv", labels)
+    labels = _copy_labels(store, tmp_path)
     squares = store / "squares"
     grids = sorted(p.name for p in squares.iterdir() if (p / "squares.csv").is_file())
     assert len(grids) == 2
@@ -158,7 +159,7 @@ def test_two_labelling_sessions_at_once_lose_nothing(store, tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, session, "label", grid, "100"],
-            env=_label_env(store, labels),
+            env={**os.environ, **app_env(store, labels)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -205,8 +206,7 @@ def test_label_page_commits_the_labels_to_dvc(store, monkeypatch, tmp_path):
         subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
     md5 = lambda: yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]  # noqa: E731
     first = md5()
-    for name, value in _label_env(store, labels).items():
-        monkeypatch.setenv(name, value)
+    _use_store(monkeypatch, store, labels)
     monkeypatch.setenv("XCRYONET_REPO", str(repo))
     at = AppTest.from_file(APP, default_timeout=180).run()
     at.sidebar.radio(key="page").set_value("Label squares").run()
@@ -225,20 +225,23 @@ def test_label_page_commits_the_labels_to_dvc(store, monkeypatch, tmp_path):
     assert any(m.value.startswith("data.dvc unchanged") for m in at.success)
 
 
-def test_retrain_button_without_a_server_says_what_to_start(store, monkeypatch, tmp_path):
-    from servers import free_port
-
-    for name, value in _label_env(store, tmp_path / "labels.csv").items():
-        monkeypatch.setenv(name, value)
-    # Nothing listens there; a one-line message, not a traceback.
-    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{free_port()}/api")
-    session = Path(__file__).with_name("dashboard_session.py")
+def test_retrain_button_without_a_server_says_what_to_start(store, tmp_path):
+    """In its own process: this session's Prefect test harness must not answer instead."""
     import json
     import subprocess
     import sys
 
+    from servers import free_port
+
+    env = {
+        **os.environ,
+        **app_env(store, _copy_labels(store, tmp_path)),
+        # Nothing listens there; a one-line message, not a traceback.
+        "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api",
+    }
+    session = Path(__file__).with_name("dashboard_session.py")
     out = subprocess.run([sys.executable, str(session), "retrain"], capture_output=True,
-                         text=True, timeout=600, env=dict(os.environ))  # fmt: skip
+                         text=True, timeout=600, env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["success"] == []

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from dashboard_session import app_env
 from servers import free_port, running
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,25 +23,12 @@ pytestmark = [
 ]
 
 
-def store_uri(root):
-    """The tracking URI of the ``store`` fixture (tests/conftest.py)."""
-    return f"sqlite:///{root / 'mlruns.db'}"
-
-
 @pytest.fixture
 def server(store, tmp_path):
     labels = tmp_path / "labels.csv"
     shutil.copy(store / "labels.csv", labels)
     port = free_port()
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": store_uri(store),
-        "XCRYONET_GRIDS": str(store / "raw"),
-        "XCRYONET_SQUARES": str(store / "squares"),
-        "XCRYONET_LABELS": str(labels),
-        "XCRYONET_PARAMS": str(store / "params.yaml"),
-        "PYTHONPATH": str(ROOT),
-    }
+    env = {**os.environ, **app_env(store, labels), "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboards" / "app.py"),
            "--server.port", str(port), "--server.address", "127.0.0.1",
            "--server.headless", "true", "--browser.gatherUsageStats", "false"]  # fmt: skip
@@ -138,7 +126,7 @@ def test_an_upload_over_the_size_cap_gets_a_clear_message(store, tmp_path):
     big = tmp_path / "big.mrc"
     big.write_bytes(b"\0" * (3 << 20))
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri(store), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **app_env(store, tmp_path / "labels.csv"), "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboards" / "app.py"),
            "--server.port", str(port), "--server.address", "127.0.0.1",
            "--server.headless", "true", "--browser.gatherUsageStats", "false",

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from dashboard_session import app_env
 from servers import free_port, stop, wait_http
 from test_train import TINY_MODEL, write_dataset
 
@@ -172,13 +173,7 @@ def test_scheduled_retrain_deployment_on_a_real_server(tmp_path, store):
         assert "nothing changed" in Path(logs[1]).read_text()
 
         # The dashboard's "Retrain now" (its own process, as a browser session would be).
-        dashboard_env = {
-            **env,
-            "XCRYONET_SQUARES": str(store / "squares"),
-            "XCRYONET_LABELS": str(tmp_path / "labels.csv"),
-            "XCRYONET_PARAMS": str(store / "params.yaml"),
-            "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlruns.db'}",
-        }
+        dashboard_env = {**env, **app_env(store, tmp_path / "labels.csv")}
         pressed = subprocess.run(
             [sys.executable, str(ROOT / "tests" / "dashboard_session.py"), "retrain"],
             env=dashboard_env, capture_output=True, text=True, timeout=300,

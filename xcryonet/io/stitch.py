@@ -86,6 +86,11 @@ def stitch_tiles(
     return image, base.astype(np.float64)
 
 
+def _unit_centres(count: int, step: int, side: int) -> np.ndarray:
+    """Centres of ``count`` cells of ``step`` px along a tile side of ``side`` px, in [-1, 1]."""
+    return (np.arange(count) + 0.5) * step / side * 2 - 1
+
+
 def _poly_terms(y: np.ndarray, x: np.ndarray, degree: int) -> list[np.ndarray]:
     """Monomials y^i x^j, 0 < i + j <= degree (no constant), broadcast over y and x."""
     return [y**i * x**j for i in range(degree + 1) for j in range(degree + 1 - i) if i + j]
@@ -132,8 +137,8 @@ def estimate_flat_field(
     hb, wb = h // factor, w // factor
     if hb < 8 or wb < 8:
         return None
-    yc = ((np.arange(hb) + 0.5) * factor / h * 2 - 1)[:, None]
-    xc = ((np.arange(wb) + 0.5) * factor / w * 2 - 1)[None, :]
+    yc = _unit_centres(hb, factor, h)[:, None]
+    xc = _unit_centres(wb, factor, w)[None, :]
     terms = [np.broadcast_to(t, (hb, wb)) for t in _poly_terms(yc, xc, degree)]
     design: list[np.ndarray] = []
     target: list[np.ndarray] = []
@@ -158,8 +163,8 @@ def estimate_flat_field(
             half.append(i % 2)
     if len(design) < min_segments:
         return None
-    yf = ((np.arange(h) + 0.5) / h * 2 - 1)[:, None]
-    xf = ((np.arange(w) + 0.5) / w * 2 - 1)[None, :]
+    yf = _unit_centres(h, 1, h)[:, None]
+    xf = _unit_centres(w, 1, w)[None, :]
     full_terms = _poly_terms(yf, xf, degree)
 
     def fit(pick: list[int]) -> np.ndarray:
