@@ -13,9 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from xcryonet.io.atomic import atomic_path  # noqa: E402
 
 
 def read_curves(root: Path, method: str, labelled: int, score: str) -> list[np.ndarray]:
@@ -39,14 +45,19 @@ def main(argv: list[str] | None = None) -> None:
     names = args.names or [str(r) for r in args.runs]
     if len(names) != len(args.runs):
         ap.error("--names needs one name per --runs folder")
+    for root in args.runs:
+        if not any(root.glob(f"{args.method}-*-r*/metrics.json")):
+            ap.error(f"{root}: no finished {args.method} run (no {args.method}-N-rK/metrics.json)")
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(args.labelled), figsize=(4 * len(args.labelled), 3.6))
-    for ax, n in zip(np.atleast_1d(axes), args.labelled, strict=True):
+    fig, axes = plt.subplots(
+        1, len(args.labelled), figsize=(4 * len(args.labelled), 3.6), squeeze=False
+    )
+    for ax, n in zip(axes[0], args.labelled, strict=True):
         for k, (root, name) in enumerate(zip(args.runs, names, strict=True)):
             curves = read_curves(root, args.method, n, args.score)
             for i, c in enumerate(curves):
@@ -69,12 +80,12 @@ def main(argv: list[str] | None = None) -> None:
         ax.set_title(f"{args.method}, {n} labels")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    np.atleast_1d(axes)[0].set_ylabel(f"held-out {args.score} MAE (raw)")
-    np.atleast_1d(axes)[0].legend()
+    axes[0, 0].set_ylabel(f"held-out {args.score} MAE (raw)")
+    axes[0, 0].legend()
     fig.tight_layout()
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.out, dpi=110)
+        with atomic_path(args.out) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         print("wrote", args.out)
 
 
