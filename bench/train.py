@@ -13,8 +13,8 @@ rows, so the masked losses behave as in a real run). It times each training phas
 fixed number of batches after one warm-up batch, and inference with ``predict_tensor``.
 
 An epoch's phases see what ``xcryonet.train.train`` gives them (``xcryonet.train.phase_size``):
-the primary/attribute phase every unlabelled square once, with a quarter of each batch drawn
-from the labelled squares (``train.labelled_fraction``), about 2016 squares; the attribute
+the primary/attribute phase every square once, each batch drawing the labelled squares'
+natural share (``train.labelled_fraction`` is a least share), 1600 squares; the attribute
 autoencoder phase all 1600 squares; the fusion phase the 100 labelled squares
 ``xcryonet.train.fusion_pass_count`` times. img/s counts the squares a phase actually
 processed, and one epoch is ``sum(phase_size / img_s)``; the projected run is 75 such epochs

@@ -3,8 +3,9 @@
 import numpy as np
 import torch
 
-from xcryonet.active import dihedral_views, labelling_order, tta_uncertainty
+from xcryonet.active import labelling_order, tta_uncertainty
 from xcryonet.model import ModelConfig, build_model
+from xcryonet.train import dihedral_views
 
 
 def test_dihedral_views_are_the_8_distinct_symmetries():

@@ -1,5 +1,6 @@
 """The quick profile of the paper's experiment runs end to end (CI runs it)."""
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -87,7 +88,18 @@ def test_parallel_workers_give_the_same_table(dataset, tmp_path):
         serial.drop(columns="seconds"), parallel.drop(columns="seconds"), check_exact=True
     )
     # The table scores rounded predictions; the raw MAE is kept beside it.
-    assert {f"{s}_raw" for s in SCORE_NAMES} <= set(serial.columns)
+    raw = [f"{s}_raw" for s in SCORE_NAMES]
+    assert set(raw) <= set(serial.columns)
+
+    # model.tta changes only prediction: kept runs are scored again, not trained again.
+    run = tmp_path / "a" / "runs" / "primary-ss-100-r0"
+    stamp = (run / "checkpoint.pt").stat().st_mtime_ns
+    plain = replace(params, model=replace(params.model, tta=not params.model.tta))
+    again = run_experiment(dataset / "squares", dataset / "labels.csv", tmp_path / "a", plain, plan)
+    assert (run / "checkpoint.pt").stat().st_mtime_ns == stamp
+    assert json.loads((run / "metrics.json").read_text())["tta"] is (not params.model.tta)
+    cnn = again["method"] == "Primary-SS"
+    assert not np.allclose(again.loc[cnn, raw].to_numpy(), serial.loc[cnn, raw].to_numpy())
 
 
 def test_cli_runs_a_subset_of_the_protocol(dataset, tmp_path, capsys):

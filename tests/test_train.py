@@ -16,6 +16,7 @@ from xcryonet.train import (
     SquareSet,
     TrainConfig,
     augment,
+    dihedral_views,
     epoch_lr,
     evaluate,
     evaluate_dir,
@@ -103,6 +104,19 @@ def test_mixed_batches_cover_every_row_with_a_fixed_labelled_share(n_lab, n_unl)
     assert phase_size(mixed, n_lab, n_lab + n_unl, cfg) == len(rows)
     again = phase_batches(labelled, unlabelled, 32, 0.25, torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
+def test_default_fraction_keeps_the_labels_at_their_natural_share():
+    """100 labels among 1500 unlabelled: 2 per batch of 32, each label about once per epoch."""
+    fraction = TrainConfig().labelled_fraction
+    labelled, unlabelled = np.arange(100), np.arange(100, 1600)
+    batches = phase_batches(labelled, unlabelled, 32, fraction, torch.Generator().manual_seed(0))
+    assert {int((b < 100).sum()) for b in batches} == {2}
+    counts = np.bincount(torch.cat(batches).numpy(), minlength=1600)
+    assert counts[:100].max() == 1 and (counts[100:] == 1).all()
+    # From 500 labels among 1500 their natural share (8 of 32) is above the default anyway.
+    many = phase_batches(np.arange(500), np.arange(500, 2000), 32, fraction, torch.Generator())
+    assert {int((b < 500).sum()) for b in many} == {8}
 
 
 def test_plain_shuffle_when_the_fraction_is_zero():
@@ -278,6 +292,26 @@ def test_augment_is_a_dihedral_transform():
         assert any(torch.equal(out[i], c) for c in candidates)
 
 
+def test_tta_is_the_mean_over_the_8_views_and_follows_the_config():
+    torch.manual_seed(0)
+    model = build_model("xcryonet", TINY_MODEL).eval()
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        views = torch.stack([model(v, reconstruct=())["scores"] for v in dihedral_views(x)])
+    tta = predict_tensor(model, x, batch_size=2, tta=True)
+    assert torch.allclose(tta, views.mean(0).clamp(0, 4), atol=1e-5)
+    # The mean over the views is the same for any view of the square; one view's is not.
+    turned = torch.rot90(x.flip(-1), 1, dims=(-2, -1))
+    assert torch.allclose(predict_tensor(model, turned, tta=True), tta, atol=1e-5)
+    plain = predict_tensor(model, x, tta=False)
+    assert (plain - tta).abs().max() > 1e-4
+    assert (predict_tensor(model, turned, tta=False) - plain).abs().max() > 1e-4
+    # tta=None follows the model's config.
+    assert torch.allclose(predict_tensor(model, x), tta, atol=1e-6)
+    model.cfg = ModelConfig(**{**TINY_MODEL.__dict__, "tta": False})
+    assert torch.allclose(predict_tensor(model, x), plain, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- train / resume
 
 
@@ -399,6 +433,11 @@ def test_resume_refuses_other_settings_and_bad_checkpoints(dataset, tmp_path):
         train(
             squares, labels, tmp_path / "o", cfg, model_cfg=TINY_MODEL, variant="primary", labeled=3
         )
+    # model.tta only changes prediction: the run resumes, and its metrics say how they were taken.
+    plain = ModelConfig(**{**TINY_MODEL.__dict__, "tta": False})
+    longer = TrainConfig(**{**cfg.__dict__, "epochs": 2})
+    metrics = train(squares, labels, tmp_path / "o", longer, model_cfg=plain, variant="primary")
+    assert metrics["tta"] is False and len(metrics["curve"]) == 2
     (tmp_path / "o" / CHECKPOINT).write_bytes(b"garbage")
     with pytest.raises(InputError, match="not a readable"):
         train(squares, labels, tmp_path / "o", cfg, model_cfg=TINY_MODEL, variant="primary")

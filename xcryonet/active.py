@@ -15,18 +15,9 @@ import torch
 
 from xcryonet.labels import SCORE_NAMES
 from xcryonet.model import XCryoNet
-from xcryonet.train import normalize, predict_tensor, resample
+from xcryonet.train import dihedral_views, normalize, predict_tensor, resample
 
 LABELLED_SCORES = ("cracking", "contamination", "overall")
-
-
-def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
-    """The 8 flips/rotations of (B, 1, H, W) squares (H = W)."""
-    views: list[torch.Tensor] = []
-    for flip in (False, True):
-        base = x.flip(-1) if flip else x
-        views.extend(torch.rot90(base, k, dims=(-2, -1)) for k in range(4))
-    return views
 
 
 def tta_uncertainty(model: XCryoNet, crops: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
@@ -35,7 +26,8 @@ def tta_uncertainty(model: XCryoNet, crops: Sequence[np.ndarray] | np.ndarray) -
         return np.zeros(0)
     cfg = model.cfg
     x = torch.cat([normalize(resample(np.asarray(c)[None], cfg.input_px), cfg) for c in crops])
-    preds = torch.stack([predict_tensor(model, v) for v in dihedral_views(x)])  # (8, N, 5)
+    # (8, N, 5): each view on its own (tta=False), for the spread between them.
+    preds = torch.stack([predict_tensor(model, v, tta=False) for v in dihedral_views(x)])
     cols = [SCORE_NAMES.index(s) for s in LABELLED_SCORES]
     return preds[:, :, cols].std(dim=0).sum(dim=1).numpy()
 

@@ -707,7 +707,7 @@ def score(
 
             with ThreadPoolExecutor(max_workers=max(1, cfg.threads)) as pool:
                 list(pool.map(save_one, range(len(grid.table))))
-            overview_picture(scored).save(tmp_dir / OVERVIEW_PNG)
+            overview_picture(scored).save(tmp_dir / OVERVIEW_PNG, compress_level=1)
     ranked = targets.dropna(subset=["rank"])
     return {
         "grid_id": grid.grid_id,

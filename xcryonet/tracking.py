@@ -33,6 +33,7 @@ from torch import nn
 from xcryonet.config import MlflowConfig, Params, to_dict
 from xcryonet.errors import InputError
 from xcryonet.model import XCryoNet
+from xcryonet.train import dihedral_views
 
 MODEL_ARTIFACT = "model"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -140,12 +141,17 @@ class ScoringModel(nn.Module):
         self.model = model
         cfg = model.cfg
         self.px, self.mean, self.std = int(cfg.input_px), float(cfg.norm_mean), float(cfg.norm_std)
+        self.tta = bool(cfg.tta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(
             x.float(), size=(self.px, self.px), mode="bilinear", align_corners=False, antialias=True
         )
-        return self.model((x - self.mean) / self.std, reconstruct=())["scores"].clamp(0, 4)
+        x = (x - self.mean) / self.std
+        views = dihedral_views(x) if self.tta else [x]
+        # As xcryonet.train.predict_tensor: the mean over the views, clipped after averaging.
+        scores = self.model(torch.cat(views), reconstruct=())["scores"]
+        return scores.reshape(len(views), x.shape[0], -1).mean(0).clamp(0, 4)
 
 
 def signature() -> Any:
