@@ -33,7 +33,7 @@ from torch import nn
 from xcryonet.config import MlflowConfig, Params, to_dict
 from xcryonet.errors import InputError
 from xcryonet.model import XCryoNet
-from xcryonet.train import dihedral_views
+from xcryonet.train import view_mean_scores
 
 MODEL_ARTIFACT = "model"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -147,11 +147,8 @@ class ScoringModel(nn.Module):
         x = F.interpolate(
             x.float(), size=(self.px, self.px), mode="bilinear", align_corners=False, antialias=True
         )
-        x = (x - self.mean) / self.std
-        views = dihedral_views(x) if self.tta else [x]
-        # As xcryonet.train.predict_tensor: the mean over the views, clipped after averaging.
-        scores = self.model(torch.cat(views), reconstruct=())["scores"]
-        return scores.reshape(len(views), x.shape[0], -1).mean(0).clamp(0, 4)
+        # As xcryonet.train.predict_tensor: clipped after averaging over the views.
+        return view_mean_scores(self.model, (x - self.mean) / self.std, self.tta).clamp(0, 4)
 
 
 def signature() -> Any:

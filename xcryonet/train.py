@@ -520,6 +520,15 @@ def dihedral_views(x: Tensor) -> list[Tensor]:
     return views
 
 
+def view_mean_scores(model: XCryoNet, x: Tensor, tta: bool) -> Tensor:
+    """Scores (B, 5), not clipped, of normalised squares x (B, 1, P, P): with ``tta`` the mean
+    over the 8 views, from one forward over all of them (GroupNorm: no batch statistics)."""
+    views = dihedral_views(x) if tta else [x]
+    scores = model(torch.cat(views), reconstruct=())["scores"]
+    # (views, B, 5) without naming B: torch.export keeps the batch size free (ScoringModel).
+    return scores.reshape(len(views), -1, scores.shape[-1]).mean(0)
+
+
 @torch.no_grad()
 def predict_tensor(
     model: XCryoNet, x: Tensor, batch_size: int = 64, tta: bool | None = None
@@ -533,16 +542,13 @@ def predict_tensor(
     use_tta = model.cfg.tta if tta is None else tta
     was_training = model.training
     model.eval()
-    n_views = 8 if use_tta else 1
-    # One forward over all views of batch_size // 8 squares (GroupNorm: no batch statistics),
-    # so a forward holds about batch_size images at any input size (memory at 640 px).
-    step = max(1, batch_size // n_views)
+    # batch_size // 8 squares per forward with their 8 views, so a forward holds about
+    # batch_size images at any input size (memory at 640 px).
+    step = max(1, batch_size // 8) if use_tta else batch_size
     outs = []
     for start in range(0, len(x), step):
         xb = x[start : start + step].float().to(device)
-        views = dihedral_views(xb) if use_tta else [xb]
-        scores = model(torch.cat(views), reconstruct=())["scores"].float()
-        outs.append(scores.reshape(len(views), len(xb), -1).mean(0).cpu())
+        outs.append(view_mean_scores(model, xb, use_tta).float().cpu())
     model.train(was_training)
     if not outs:
         return torch.zeros((0, 5))
