@@ -8,31 +8,44 @@ same settings ``make demo`` used), so the per-pixel defect map (crack, broken fi
 contamination) is known for every extracted square. For each target the script prints the mean
 cracking or contamination attention on the true defect pixels against the mean on the rest of
 the open area, their ratio, and the per-square AUC (0.5 = the map ignores the defect, 1 = every
-defect pixel outranks every other open pixel). As a reference it prints the same figures for an
-image-only stand-in (cracking: how much brighter than the square's median a pixel is;
-contamination: how much darker), which shows what the check can detect, and for a constant map
-(AUC 0.5). See ``xcryonet.attention_check``.
+defect pixel outranks every other open pixel). The model's maps are shown from one view and as
+the mean over the square's 8 flips/rotations (what ``xcryonet score`` draws when ``model.tta``
+is on). As a reference it prints the same figures for an image-only stand-in (cracking: how much
+brighter than the square's median a pixel is; contamination: how much darker), which shows what
+the check can detect; for the stand-in averaged to the model's feature-map raster (the best a
+map that coarse can do with this cue); and for a constant map (AUC 0.5). See
+``xcryonet.attention_check``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from xcryonet.attention_check import TARGETS, attention_contrast  # noqa: E402
 from xcryonet.config import load_params  # noqa: E402
+from xcryonet.model import XCryoNet  # noqa: E402
 from xcryonet.train import load_model, resample  # noqa: E402
 
 
-def intensity_standin(px: int):  # type: ignore[no-untyped-def]
-    """Crops -> (N, 2, px, px): intensity above the median (cracking), below it (contamination)."""
+def intensity_standin(px: int, grid: int | None = None):  # type: ignore[no-untyped-def]
+    """Crops -> (N, 2, px, px): intensity above the median (cracking), below it (contamination).
+
+    ``grid``: the stand-in averaged over a grid x grid raster and upsampled back, as the model's
+    maps are (its feature maps are input_px / (4 x stem_stride) wide): the best a map of that
+    resolution could do with this cue.
+    """
 
     def attend(crops: Sequence[np.ndarray]) -> np.ndarray:
         out = []
@@ -40,9 +53,19 @@ def intensity_standin(px: int):  # type: ignore[no-untyped-def]
             x = resample(np.asarray(c, np.float32)[None], px)[0, 0].numpy()
             d = x - np.median(x)
             out.append(np.stack([d, -d]))
-        return np.asarray(out, np.float32)
+        maps = torch.from_numpy(np.asarray(out, np.float32))
+        if grid is not None and len(maps):
+            coarse = F.adaptive_avg_pool2d(maps, grid)
+            maps = F.interpolate(coarse, size=(px, px), mode="bilinear", align_corners=False)
+        return maps.numpy()
 
     return attend
+
+
+def with_views(model: XCryoNet, tta: bool) -> XCryoNet:
+    """The same weights with ``cfg.tta`` set: maps from one view, or the mean of the 8."""
+    model.cfg = replace(model.cfg, tta=tta)
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,9 +79,13 @@ def main(argv: list[str] | None = None) -> int:
 
     params = load_params(args.params)
     model, cfg = load_model(args.model)
+    grid = cfg.input_px // (4 * cfg.stem_stride)
+    one_view = copy.deepcopy(with_views(model, False))
     sources = {
-        f"model ({model.variant}, {cfg.input_px} px)": model,
+        f"model ({model.variant}, {cfg.input_px} px), 1 view": one_view,
+        "model, mean of 8 views": with_views(model, True),
         "image stand-in": intensity_standin(cfg.input_px),
+        f"image stand-in at {grid} x {grid}": intensity_standin(cfg.input_px, grid),
         "constant map": lambda crops: np.full((len(crops), 2, cfg.input_px, cfg.input_px), 0.5),
     }
     print(

@@ -183,7 +183,12 @@ def show_results(scored, atlas_name: str) -> None:
             render_attention(
                 scored.inputs[row], scored.maps[row], scored.scores[row], title=f"square #{sid}"
             ),
-            caption="The square, and its cracking and contamination attention maps",
+            caption=(
+                "The square, and its cracking and contamination attention maps (mean over its 8"
+                " flips and rotations): where the network's cracking and contamination channels"
+                " respond. On simulated grids they do not mark the defects themselves (per-square"
+                " AUC 0.38-0.54, docs/experiment.md), so trust the scores, not the maps."
+            ),
         )
     # The navigator holds the selected squares: the top N that pass the filters, to which the
     # operator may add or from which they may remove any square.

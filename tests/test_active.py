@@ -4,8 +4,7 @@ import numpy as np
 import torch
 
 from xcryonet.active import labelling_order, tta_uncertainty
-from xcryonet.model import ModelConfig, build_model
-from xcryonet.train import dihedral_views
+from xcryonet.model import ModelConfig, build_model, dihedral_views
 
 
 def test_dihedral_views_are_the_8_distinct_symmetries():

@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from xcryonet.errors import InputError
-from xcryonet.model import MODELS, ModelConfig, attention_maps, build_model, parameter_groups
+from xcryonet.model import (
+    MODELS,
+    ModelConfig,
+    attention_maps,
+    build_model,
+    dihedral_views,
+    parameter_groups,
+    undo_dihedral,
+)
 
 TINY = {"width": 4, "hidden": 8, "input_px": 32}
 
@@ -40,6 +48,39 @@ def test_attention_maps_in_open_unit_interval(variant):
     assert maps.shape == (2, 2, 32, 32) and maps.dtype == torch.float32
     assert (maps > 0).all() and (maps < 1).all()
     assert model.training  # the helper restores the mode
+
+
+def test_undo_dihedral_turns_every_view_back():
+    x = torch.arange(2 * 5 * 5, dtype=torch.float32).reshape(1, 2, 5, 5)
+    views = dihedral_views(x)
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+    for back in undo_dihedral(views):
+        assert torch.equal(back, x)
+    # Not its own inverse for the quarter turns: undoing the identity view's list is not enough.
+    assert not torch.equal(undo_dihedral([x] * 8)[1], x)
+
+
+def test_tta_maps_are_the_turned_back_mean_and_follow_the_square():
+    torch.manual_seed(4)
+    model = build_model("xcryonet", **{**TINY, "tta": True}).eval()
+    x = torch.randn(2, 1, 32, 32)
+    maps = attention_maps(model, x)
+    with torch.no_grad():
+        per_view = [model(v, reconstruct=())["attention"] for v in dihedral_views(x)]
+    expected = torch.stack(undo_dihedral(per_view)).mean(0)
+    torch.testing.assert_close(maps, expected, atol=1e-5, rtol=0)
+    # The square turned and flipped: its averaged maps are the same maps turned and flipped.
+    turned = torch.rot90(x.flip(-1), 3, dims=(-2, -1))
+    torch.testing.assert_close(
+        attention_maps(model, turned),
+        torch.rot90(maps.flip(-1), 3, dims=(-2, -1)),
+        atol=1e-5,
+        rtol=0,
+    )
+    # One view (tta=False) is the plain forward's map, which differs from the mean.
+    single = attention_maps(model, x, tta=False)
+    torch.testing.assert_close(single, per_view[0], atol=1e-6, rtol=0)
+    assert (single - maps).abs().max() > 1e-4
 
 
 def test_attention_weights_attribute_inputs():

@@ -8,7 +8,7 @@ import torch
 
 from xcryonet.errors import InputError
 from xcryonet.labels import SCORE_NAMES
-from xcryonet.model import MODELS, ModelConfig, build_model, parameter_groups
+from xcryonet.model import MODELS, ModelConfig, build_model, dihedral_views, parameter_groups
 from xcryonet.train import (
     CHECKPOINT,
     LOSSES,
@@ -16,13 +16,13 @@ from xcryonet.train import (
     SquareSet,
     TrainConfig,
     augment,
-    dihedral_views,
     epoch_lr,
     evaluate,
     evaluate_dir,
     load_model,
     make_optimizers,
     masked_mse,
+    normalize,
     phase_batches,
     phase_loss,
     phase_size,
@@ -310,6 +310,26 @@ def test_tta_is_the_mean_over_the_8_views_and_follows_the_config():
     assert torch.allclose(predict_tensor(model, x), tta, atol=1e-6)
     model.cfg = ModelConfig(**{**TINY_MODEL.__dict__, "tta": False})
     assert torch.allclose(predict_tensor(model, x), plain, atol=1e-6)
+
+
+@pytest.mark.parametrize("tta", [True, False])
+def test_score_and_explain_gives_predicts_scores_and_the_maps(tta):
+    from xcryonet.explain import score_and_explain, square_attention
+    from xcryonet.model import attention_maps
+
+    torch.manual_seed(0)
+    model = build_model("xcryonet", ModelConfig(**{**TINY_MODEL.__dict__, "tta": tta}))
+    rng = np.random.default_rng(0)
+    crops = [rng.random((s, s)).astype(np.float32) for s in (20, 16, 24)]
+    scores, inputs, maps = score_and_explain(model, crops, batch_size=8)
+    np.testing.assert_allclose(scores, predict(model, crops), atol=1e-5)
+    assert inputs.shape == (3, 16, 16) and maps.shape == (3, 2, 16, 16)
+    x = normalize(torch.from_numpy(inputs)[:, None], model.cfg)
+    np.testing.assert_allclose(maps, attention_maps(model, x).numpy(), atol=1e-5)
+    np.testing.assert_array_equal(square_attention(model, crops, batch_size=8)[1], maps)
+    assert model.training  # the mode is restored
+    empty = score_and_explain(model, [])
+    assert [a.shape for a in empty] == [(0, 5), (0, 16, 16), (0, 2, 16, 16)]
 
 
 # ----------------------------------------------------------------------------- train / resume

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from xcryonet.labels import SCORE_NAMES
-from xcryonet.model import XCryoNet
-from xcryonet.train import dihedral_views, normalize, predict_tensor, resample
+from xcryonet.model import XCryoNet, dihedral_views
+from xcryonet.train import normalize, predict_tensor, resample
 
 LABELLED_SCORES = ("cracking", "contamination", "overall")
 

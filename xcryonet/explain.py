@@ -9,31 +9,55 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from xcryonet.labels import SCORE_NAMES
-from xcryonet.model import XCryoNet, attention_maps
+from xcryonet.model import XCryoNet, view_mean_outputs
 from xcryonet.train import normalize, resample
 
 
-def square_attention(
+def score_and_explain(
     model: XCryoNet, crops: Sequence[np.ndarray] | np.ndarray, batch_size: int = 64
-) -> tuple[np.ndarray, np.ndarray]:
-    """Attention maps of raw crops (relative transmission, each (S, S); sizes may differ).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores and attention maps of raw crops (relative transmission, each (S, S); sizes may
+    differ), from one forward per batch. With the model's ``cfg.tta`` both are the mean over
+    the square's 8 views, ``batch_size // 8`` squares per forward.
 
     Returns:
+        scores (N, 5) float32 clipped to 0..4, in ``SCORE_NAMES`` order (equal to ``predict``);
         inputs (N, P, P) float32: the crops as the model saw them (resampled to P = input_px);
         maps (N, 2, P, P) float32 in (0, 1): channel 0 cracking, 1 contamination.
     """
     cfg = model.cfg
     px = cfg.input_px
     if len(crops) == 0:
-        return np.zeros((0, px, px), np.float32), np.zeros((0, 2, px, px), np.float32)
+        return (
+            np.zeros((0, len(SCORE_NAMES)), np.float32),
+            np.zeros((0, px, px), np.float32),
+            np.zeros((0, 2, px, px), np.float32),
+        )
     x = torch.cat([resample(np.asarray(c, np.float32)[None], px) for c in crops])
     device = next(model.parameters()).device
-    maps = []
-    with torch.inference_mode():
-        for start in range(0, len(x), batch_size):
-            xb = normalize(x[start : start + batch_size], cfg).float().to(device)
-            maps.append(attention_maps(model, xb).cpu())
-    return x[:, 0].float().numpy(), torch.cat(maps).numpy()
+    step = max(1, batch_size // 8) if cfg.tta else batch_size
+    scores, maps = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(x), step):
+                xb = normalize(x[start : start + step], cfg).float().to(device)
+                s, m = view_mean_outputs(model, xb, cfg.tta, maps=True)
+                assert m is not None
+                scores.append(s.float().clamp(0, 4).cpu())
+                maps.append(m.float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(scores).numpy(), x[:, 0].float().numpy(), torch.cat(maps).numpy()
+
+
+def square_attention(
+    model: XCryoNet, crops: Sequence[np.ndarray] | np.ndarray, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """The inputs (N, P, P) and attention maps (N, 2, P, P) of ``score_and_explain``."""
+    _, inputs, maps = score_and_explain(model, crops, batch_size)
+    return inputs, maps
 
 
 def _heat(v: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ Variants are built by name: ``build_model("primary")`` (no attention, the paper'
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict
 
 import torch
@@ -383,17 +383,63 @@ def build_model(name: str, cfg: ModelConfig | None = None, **overrides: int | fl
     return MODELS[name](ModelConfig(**{**base, **overrides}))
 
 
+def dihedral_views(x: Tensor) -> list[Tensor]:
+    """The 8 flips/rotations of (B, C, H, W) squares (H = W), the identity first.
+
+    View ``4 * f + r`` is ``x`` flipped left-right if ``f``, then turned ``r`` quarter turns.
+    """
+    views: list[Tensor] = []
+    for flip in (False, True):
+        base = x.flip(-1) if flip else x
+        views.extend(torch.rot90(base, k, dims=(-2, -1)) for k in range(4))
+    return views
+
+
+def undo_dihedral(views: Sequence[Tensor]) -> list[Tensor]:
+    """Turn each of ``dihedral_views``' outputs (in its order) back to the original orientation."""
+    out: list[Tensor] = []
+    for k, v in enumerate(views):
+        flip, turns = divmod(k, 4)
+        back = torch.rot90(v, -turns, dims=(-2, -1))
+        out.append(back.flip(-1) if flip else back)
+    return out
+
+
+def view_mean_outputs(
+    model: XCryoNet, x: Tensor, tta: bool, maps: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Scores (B, 5), not clipped, and with ``maps`` the attention (B, 2, P, P), of normalised
+    squares x (B, 1, P, P), from one forward over all views (GroupNorm: no batch statistics).
+
+    With ``tta`` both are the mean over the square's 8 flips/rotations; each view's maps are
+    turned back to the square's own orientation first, so they stay on the defects.
+    """
+    views = dihedral_views(x) if tta else [x]
+    out = model(torch.cat(views), reconstruct=())
+    scores = out["scores"]
+    # (views, B, ...) without naming B: torch.export keeps the batch size free (ScoringModel).
+    mean_scores = scores.reshape(len(views), -1, scores.shape[-1]).mean(0)
+    if not maps:
+        return mean_scores, None
+    att = out["attention"]
+    per_view = att.reshape(len(views), -1, *att.shape[1:]).unbind(0)
+    return mean_scores, torch.stack(undo_dihedral(per_view)).mean(0)
+
+
 @torch.no_grad()
-def attention_maps(model: XCryoNet, x: Tensor) -> Tensor:
+def attention_maps(model: XCryoNet, x: Tensor, tta: bool | None = None) -> Tensor:
     """Cracking and contamination attention for normalised squares x (B, 1, H, W).
 
-    Returns (B, 2, H, W) float32 in (0, 1), channel 0 cracking, 1 contamination. For the
-    primary variant the maps come from its (unguided) features, so they mean little.
+    Returns (B, 2, H, W) float32 in (0, 1), channel 0 cracking, 1 contamination. ``tta``
+    (None = the model's ``cfg.tta``): the mean of the maps over the square's 8 views, each
+    turned back. For the primary variant the maps come from its (unguided) features, so they
+    mean little.
     """
     was_training = model.training
     model.eval()
     try:
-        out = model(x, reconstruct=())
+        _, maps = view_mean_outputs(model, x, model.cfg.tta if tta is None else tta, maps=True)
     finally:
         model.train(was_training)
-    return out["attention"].float()
+    assert maps is not None
+    return maps.float()

@@ -627,14 +627,13 @@ def load_scoring_model(model_ref: Path | str, mlflow_cfg: MlflowConfig | None = 
 
 def score_atlas(atlas_path: Path, model: Any, cfg: ExtractConfig) -> ScoredGrid:
     """Extract an atlas's squares, score them and compute their attention maps."""
-    from xcryonet.explain import square_attention
+    from xcryonet.explain import score_and_explain
     from xcryonet.targets import rank_targets
-    from xcryonet.train import predict
 
     grid = extract_atlas(atlas_path, cfg)
-    crops = grid.crops.astype(np.float32)
-    scores = predict(model, crops)
-    inputs, maps = square_attention(model, crops)
+    # One forward gives the scores and the maps (with test-time augmentation, both the mean
+    # over the 8 views).
+    scores, inputs, maps = score_and_explain(model, grid.crops.astype(np.float32))
     return ScoredGrid(grid, rank_targets(grid.table, scores), scores, inputs, maps)
 
 

@@ -41,6 +41,7 @@ from xcryonet.model import (
     XCryoNet,
     build_model,
     parameter_groups,
+    view_mean_outputs,
 )
 
 CHECKPOINT = "checkpoint.pt"
@@ -511,22 +512,10 @@ def run_phase(
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 
-def dihedral_views(x: Tensor) -> list[Tensor]:
-    """The 8 flips/rotations of (B, C, H, W) squares (H = W), the identity first."""
-    views: list[Tensor] = []
-    for flip in (False, True):
-        base = x.flip(-1) if flip else x
-        views.extend(torch.rot90(base, k, dims=(-2, -1)) for k in range(4))
-    return views
-
-
 def view_mean_scores(model: XCryoNet, x: Tensor, tta: bool) -> Tensor:
     """Scores (B, 5), not clipped, of normalised squares x (B, 1, P, P): with ``tta`` the mean
-    over the 8 views, from one forward over all of them (GroupNorm: no batch statistics)."""
-    views = dihedral_views(x) if tta else [x]
-    scores = model(torch.cat(views), reconstruct=())["scores"]
-    # (views, B, 5) without naming B: torch.export keeps the batch size free (ScoringModel).
-    return scores.reshape(len(views), -1, scores.shape[-1]).mean(0)
+    over the 8 views, from one forward over all of them (``model.view_mean_outputs``)."""
+    return view_mean_outputs(model, x, tta)[0]
 
 
 @torch.no_grad()
