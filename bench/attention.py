@@ -63,9 +63,10 @@ def intensity_standin(px: int, grid: int | None = None):  # type: ignore[no-unty
 
 
 def with_views(model: XCryoNet, tta: bool) -> XCryoNet:
-    """The same weights with ``cfg.tta`` set: maps from one view, or the mean of the 8."""
-    model.cfg = replace(model.cfg, tta=tta)
-    return model
+    """A copy of the model with ``cfg.tta`` set: maps from one view, or the mean of the 8."""
+    twin = copy.deepcopy(model)
+    twin.cfg = replace(model.cfg, tta=tta)
+    return twin
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,9 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     model, cfg = load_model(args.model)
     grid = cfg.input_px // (4 * cfg.stem_stride)
-    one_view = copy.deepcopy(with_views(model, False))
     sources = {
-        f"model ({model.variant}, {cfg.input_px} px), 1 view": one_view,
+        f"model ({model.variant}, {cfg.input_px} px), 1 view": with_views(model, False),
         "model, mean of 8 views": with_views(model, True),
         "image stand-in": intensity_standin(cfg.input_px),
         f"image stand-in at {grid} x {grid}": intensity_standin(cfg.input_px, grid),
