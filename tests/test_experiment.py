@@ -54,6 +54,16 @@ def test_quick_experiment(dataset):
     assert "| XCryoNet-SS | 100 |" in text and "paper: XCryoNet-SS" in text
     summary = pd.read_csv(out / "summary.csv")
     assert set(summary["method"]) == methods
+    # The claims, paired on the splits: 4 pairs of CNNs and 3 baselines, 3 scores each.
+    checks = pd.read_csv(out / "claims.csv")
+    assert len(checks) == (4 + len(QUICK.baselines)) * 3
+    assert set(checks["claim"]) == {
+        "SS beats FS",
+        "XCryoNet beats primary",
+        "XCryoNet beats baselines",
+    }
+    assert (checks["repeats"] == QUICK.repeats).all()
+    assert "## Claims, paired on the same splits" in text
 
     # A second run finds every model finished and reproduces the table.
     again = run_experiment(dataset / "squares", dataset / "labels.csv", out, params, QUICK)
@@ -113,3 +123,52 @@ def test_cli_runs_a_subset_of_the_protocol(dataset, tmp_path, capsys):
     assert set(results["method"]) == {"Primary-FS", *QUICK.baselines}
     assert [p.name for p in (out / "runs").iterdir()] == ["primary-fs-100-r0"]
     assert "| Primary-FS | 100 |" in capsys.readouterr().out
+
+
+def _results(diffs: dict[str, list[float]]) -> pd.DataFrame:
+    """A results table: XCryoNet-SS at MAE 1 on every score and repeat; each other method
+    at 1 + its per-repeat difference (> 0: XCryoNet-SS is better)."""
+    rows = []
+    for method, ds in {"XCryoNet-SS": [0.0] * 4, **diffs}.items():
+        for r, d in enumerate(ds):
+            rows.append(
+                {"method": method, "labeled": 100, "repeat": r, **dict.fromkeys(SCORE_NAMES, 1 + d)}
+            )
+    return pd.DataFrame(rows)
+
+
+def test_claims_are_paired_on_the_splits_and_give_a_verdict():
+    from xcryonet.experiment import claims, claims_markdown
+
+    results = _results(
+        {
+            "Primary-SS": [0.10, 0.12, 0.08, 0.11],  # XCryoNet wins every split by about 0.1
+            "XCryoNet-FS": [-0.2, -0.25, -0.15, -0.22],  # FS wins every split
+            "features_gbm": [0.3, -0.3, 0.2, -0.25],  # split decides
+            "mean": [0.5],  # one repeat only
+        }
+    )
+    checks = claims(results).set_index(["winner", "loser", "score"]).sort_index()
+    assert set(checks.index.get_level_values("loser")) == {
+        "Primary-SS",
+        "XCryoNet-FS",
+        "features_gbm",
+        "mean",
+    }
+    primary = checks.loc[("XCryoNet-SS", "Primary-SS", "overall")]
+    assert primary["claim"] == "XCryoNet beats primary" and primary["verdict"] == "holds"
+    assert primary["mean_diff"] == pytest.approx(0.1025)
+    assert (primary["won"], primary["lost"], primary["repeats"]) == (4, 0, 4)
+    assert primary["ci_low"] > 0
+    fs = checks.loc[("XCryoNet-SS", "XCryoNet-FS", "cracking")]
+    assert fs["claim"] == "SS beats FS" and fs["verdict"] == "fails" and fs["ci_high"] < 0
+    gbm = checks.loc[("XCryoNet-SS", "features_gbm", "contamination")]
+    assert gbm["verdict"] == "not separable" and (gbm["won"], gbm["lost"]) == (2, 2)
+    assert checks.loc[("XCryoNet-SS", "mean", "overall")]["verdict"] == "one repeat"
+    # One split lost: the counts show it, and the interval now spans 0.
+    flipped = _results({"Primary-SS": [0.10, 0.12, 0.08, -0.11]})
+    row = claims(flipped).set_index("score").loc["overall"]
+    assert (row["won"], row["lost"]) == (3, 1) and row["verdict"] == "not separable"
+    text = claims_markdown(claims(results))
+    assert "| XCryoNet beats primary | XCryoNet-SS vs Primary-SS | 100 | overall | +0.103" in text
+    assert claims_markdown(claims(_results({}))) == ""

@@ -335,6 +335,34 @@ def test_score_and_explain_gives_predicts_scores_and_the_maps(tta):
 # ----------------------------------------------------------------------------- train / resume
 
 
+def test_view_mean_batches_is_the_same_at_any_batch_size_and_restores_the_mode():
+    from xcryonet.train import view_mean_batches
+
+    torch.manual_seed(0)
+    model = build_model("xcryonet", TINY_MODEL)  # tta on
+    x = torch.randn(5, 1, 16, 16)
+    whole_s, whole_m = view_mean_batches(model, x, batch_size=64, maps=True)  # one forward
+    one_s, one_m = view_mean_batches(model, x, batch_size=8, maps=True)  # a square a forward
+    assert whole_m is not None and one_m is not None
+    torch.testing.assert_close(one_s, whole_s, atol=1e-5, rtol=0)
+    torch.testing.assert_close(one_m, whole_m, atol=1e-5, rtol=0)
+    # prepare is applied to every batch; no maps asked, none given.
+    shifted, none = view_mean_batches(model, x - 1, batch_size=16, prepare=lambda b: b + 1)
+    assert none is None
+    torch.testing.assert_close(shifted, whole_s, atol=1e-5, rtol=0)
+    assert model.training
+
+    def boom(batch: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("bad batch")
+
+    with pytest.raises(RuntimeError, match="bad batch"):
+        view_mean_batches(model, x, prepare=boom)
+    assert model.training  # restored on the error too
+    model.eval()
+    view_mean_batches(model, x)
+    assert not model.training  # and eval stays eval
+
+
 def _state(out_dir):
     rec = torch.load(out_dir / "model.pt", weights_only=True)
     return rec["model"], json.loads((out_dir / "metrics.json").read_text())

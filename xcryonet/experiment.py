@@ -290,7 +290,9 @@ def run_experiment(
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "results.csv", results.to_csv(index=False))
     atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
-    atomic_write_text(out_dir / "results.md", markdown(summary, plan))
+    checks = claims(results)
+    atomic_write_text(out_dir / "claims.csv", checks.to_csv(index=False))
+    atomic_write_text(out_dir / "results.md", markdown(summary, plan) + claims_markdown(checks))
     return results
 
 
@@ -300,6 +302,106 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     agg.columns = [f"{s}_{stat}" for s, stat in agg.columns]
     agg["repeats"] = results.groupby(["method", "labeled"], sort=False).size()
     return agg.reset_index()
+
+
+# The issue's claims, each as (winner, loser): the winner's MAE must be lower on these scores.
+CLAIM_SCORES = ("cracking", "contamination", "overall")
+
+
+def claim_pairs(methods: set[str]) -> list[tuple[str, str, str]]:
+    """(claim, winner, loser) for every claim whose two methods are in ``methods``.
+
+    The paper's two claims (SS beats FS; XCryoNet beats primary, each within the other
+    setting), and "XCryoNet beats every baseline" with XCryoNet-SS (XCryoNet-FS if there is no
+    SS run).
+    """
+    pairs = [("SS beats FS", f"{v}-SS", f"{v}-FS") for v in ("XCryoNet", "Primary")] + [
+        ("XCryoNet beats primary", f"XCryoNet-{s}", f"Primary-{s}") for s in ("SS", "FS")
+    ]
+    best = next((m for m in ("XCryoNet-SS", "XCryoNet-FS") if m in methods), None)
+    if best is not None:
+        cnn = {method_name(v, s) for v in ("primary", "xcryonet") for s in ("fs", "ss")}
+        pairs += [("XCryoNet beats baselines", best, b) for b in sorted(methods - cnn)]
+    return [(c, w, lo) for c, w, lo in pairs if w in methods and lo in methods]
+
+
+def claims(results: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Paired comparisons behind the issue's claims, on the same splits.
+
+    For each claim, label count and score in ``CLAIM_SCORES``: the per-repeat difference
+    d = MAE(loser) - MAE(winner) (> 0: the claim holds on that split), its mean, the two-sided
+    Student-t interval of the mean at ``confidence``, and the repeats won / lost. Verdict:
+    ``holds`` when the whole interval is above 0, ``fails`` when it is below, otherwise
+    ``not separable`` (with one repeat there is no interval: ``one repeat``).
+
+    Returns one row per (claim, winner, loser, labeled, score).
+    """
+    from scipy import stats
+
+    rows: list[dict[str, Any]] = []
+    by = results.set_index(["method", "labeled", "repeat"]).sort_index()
+    for claim, winner, loser in claim_pairs(set(results["method"])):
+        for n in sorted(set(results["labeled"])):
+            try:
+                w, lo = by.loc[(winner, n)], by.loc[(loser, n)]
+            except KeyError:
+                continue
+            reps = w.index.intersection(lo.index)
+            for score in CLAIM_SCORES:
+                d = (lo.loc[reps, score] - w.loc[reps, score]).to_numpy(float)
+                mean = float(d.mean())
+                if len(d) > 1:
+                    sem = float(d.std(ddof=1) / np.sqrt(len(d)))
+                    half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1)) * sem
+                    verdict = (
+                        "holds"
+                        if mean - half > 0
+                        else "fails"
+                        if mean + half < 0
+                        else "not separable"
+                    )
+                else:
+                    half, verdict = float("nan"), "one repeat"
+                rows.append(
+                    {
+                        "claim": claim,
+                        "winner": winner,
+                        "loser": loser,
+                        "labeled": int(n),
+                        "score": score,
+                        "repeats": len(d),
+                        "mean_diff": mean,
+                        "ci_low": mean - half,
+                        "ci_high": mean + half,
+                        "won": int((d > 0).sum()),
+                        "lost": int((d < 0).sum()),
+                        "verdict": verdict,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def claims_markdown(checks: pd.DataFrame) -> str:
+    """The paired claims as a markdown section (empty when there are none)."""
+    if checks.empty:
+        return ""
+    lines = [
+        "",
+        "## Claims, paired on the same splits",
+        "",
+        "d = MAE(loser) - MAE(winner) per repeat (> 0: the winner wins), mean and 95 % "
+        "t-interval; won / lost counts the repeats.",
+        "",
+        "| claim | winner vs loser | labelled | score | d mean [95 % CI] | won / lost | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in checks.itertuples(index=False):
+        lines.append(
+            f"| {r.claim} | {r.winner} vs {r.loser} | {r.labeled} | {r.score} | "
+            f"{r.mean_diff:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] | {r.won} / {r.lost} | "
+            f"{r.verdict} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def markdown(summary: pd.DataFrame, plan: ExperimentPlan) -> str:

@@ -9,8 +9,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from xcryonet.labels import SCORE_NAMES
-from xcryonet.model import XCryoNet, view_mean_outputs
-from xcryonet.train import normalize, resample
+from xcryonet.model import XCryoNet
+from xcryonet.train import normalize, resample, view_mean_batches
 
 
 def score_and_explain(
@@ -34,22 +34,11 @@ def score_and_explain(
             np.zeros((0, 2, px, px), np.float32),
         )
     x = torch.cat([resample(np.asarray(c, np.float32)[None], px) for c in crops])
-    device = next(model.parameters()).device
-    step = max(1, batch_size // 8) if cfg.tta else batch_size
-    scores, maps = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(x), step):
-                xb = normalize(x[start : start + step], cfg).float().to(device)
-                s, m = view_mean_outputs(model, xb, cfg.tta, maps=True)
-                assert m is not None
-                scores.append(s.float().clamp(0, 4).cpu())
-                maps.append(m.float().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(scores).numpy(), x[:, 0].float().numpy(), torch.cat(maps).numpy()
+    scores, maps = view_mean_batches(
+        model, x, batch_size, maps=True, prepare=lambda xb: normalize(xb, cfg)
+    )
+    assert maps is not None
+    return scores.numpy(), x[:, 0].float().numpy(), maps.numpy()
 
 
 def square_attention(

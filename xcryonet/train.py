@@ -519,29 +519,58 @@ def view_mean_scores(model: XCryoNet, x: Tensor, tta: bool) -> Tensor:
 
 
 @torch.no_grad()
+def view_mean_batches(
+    model: XCryoNet,
+    x: Tensor,
+    batch_size: int = 64,
+    tta: bool | None = None,
+    maps: bool = False,
+    prepare: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Scores, and optionally attention maps, of squares x (N, 1, P, P), batch by batch in eval
+    mode (the model's training mode is restored afterwards, also on an error).
+
+    Args:
+        batch_size: images per forward; with test-time augmentation ``batch_size // 8`` squares
+            with their 8 views, so a forward holds about as many images at any input size
+            (memory at 640 px).
+        tta: the mean over each square's 8 flips/rotations (None = the model's ``cfg.tta``).
+        maps: also return the attention maps (the model must have attention).
+        prepare: applied to each batch before the forward (e.g. ``normalize``), so a whole
+            normalised copy of x is never held.
+
+    Returns:
+        scores (N, 5) float32 on the CPU, clipped to 0..4 after averaging; maps (N, 2, P, P)
+        float32 in (0, 1) (channel 0 cracking, 1 contamination), or None without ``maps``.
+    """
+    device = next(model.parameters()).device
+    use_tta = model.cfg.tta if tta is None else tta
+    step = max(1, batch_size // 8) if use_tta else batch_size
+    scores, att = [torch.zeros((0, 5))], [torch.zeros((0, 2, *x.shape[-2:]))]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(x), step):
+            xb = x[start : start + step]
+            xb = (prepare(xb) if prepare is not None else xb).float().to(device)
+            s, m = view_mean_outputs(model, xb, use_tta, maps=maps)
+            scores.append(s.float().clamp(0, 4).cpu())
+            if m is not None:
+                att.append(m.float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(scores), torch.cat(att) if maps else None
+
+
 def predict_tensor(
     model: XCryoNet, x: Tensor, batch_size: int = 64, tta: bool | None = None
 ) -> Tensor:
     """Scores (N, 5) float32 clipped to 0..4 for normalised squares x (N, 1, P, P).
 
     ``tta`` (None = the model's ``cfg.tta``): the mean over the 8 flips/rotations of each
-    square, clipped after averaging.
+    square, clipped after averaging. See ``view_mean_batches``.
     """
-    device = next(model.parameters()).device
-    use_tta = model.cfg.tta if tta is None else tta
-    was_training = model.training
-    model.eval()
-    # batch_size // 8 squares per forward with their 8 views, so a forward holds about
-    # batch_size images at any input size (memory at 640 px).
-    step = max(1, batch_size // 8) if use_tta else batch_size
-    outs = []
-    for start in range(0, len(x), step):
-        xb = x[start : start + step].float().to(device)
-        outs.append(view_mean_scores(model, xb, use_tta).float().cpu())
-    model.train(was_training)
-    if not outs:
-        return torch.zeros((0, 5))
-    return torch.cat(outs).clamp(0, 4)
+    return view_mean_batches(model, x, batch_size, tta)[0]
 
 
 def predict(model: XCryoNet, crops: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
