@@ -20,23 +20,21 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import add_data_args, labelled_crops  # noqa: E402  (bench/ sibling)
+
 from xcryonet.baselines import build_baseline  # noqa: E402
-from xcryonet.experiment import raw_crops  # noqa: E402
 from xcryonet.labels import SCORE_NAMES  # noqa: E402
-from xcryonet.train import read_table, resample, split_rows  # noqa: E402
+from xcryonet.train import resample, split_rows  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--px", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--squares", default=str(ROOT / "squares"))
-    ap.add_argument("--labels", default=str(ROOT / "data" / "labels.csv"))
+    add_data_args(ap, ROOT)
     args = ap.parse_args(argv)
 
-    table = read_table(args.squares, args.labels)
-    y = table[[f"label_{s}" for s in SCORE_NAMES]].to_numpy(float)
-    crops, masks = raw_crops(Path(args.squares), table)
+    table, y, crops, masks = labelled_crops(args.squares, args.labels)
     small = [resample(c[None], args.px)[0, 0].numpy() for c in crops]
     small_m = [resample(m[None].astype(np.float32), args.px)[0, 0].numpy() > 0.5 for m in masks]
     print(

@@ -1,11 +1,15 @@
-"""Shared by the bench scripts: allocator settings and peak-memory readout."""
+"""Shared by the bench scripts: allocator settings, peak-memory readout, the labelled crops."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import resource
 import sys
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
 
 # glibc's default thresholds make big-array and CPU training work spend most of its time in
 # mmap/munmap; every benchmark process runs with these (README, Makefile).
@@ -31,3 +35,24 @@ def rss_gb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def add_data_args(ap: argparse.ArgumentParser, root: Path) -> None:
+    """``--squares`` and ``--labels``, defaulting to the demo's folders under ``root``."""
+    ap.add_argument("--squares", default=str(root / "squares"), help="xcryonet extract output")
+    ap.add_argument("--labels", default=str(root / "data" / "labels.csv"), help="labels.csv")
+
+
+def labelled_crops(
+    squares: str | Path, labels: str | Path
+) -> tuple[pd.DataFrame, np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """The labelled squares' table, scores y (N, 5) in ``SCORE_NAMES`` order (NaN = no label),
+    and their native-resolution crops and open-area masks, in table order."""
+    from xcryonet.experiment import raw_crops
+    from xcryonet.labels import SCORE_NAMES
+    from xcryonet.train import read_table
+
+    table = read_table(squares, labels)
+    y = table[[f"label_{s}" for s in SCORE_NAMES]].to_numpy(float)
+    crops, masks = raw_crops(Path(squares), table)
+    return table, y, crops, masks

@@ -27,10 +27,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import add_data_args, labelled_crops  # noqa: E402  (bench/ sibling)
+
 from xcryonet.baselines import FeaturesGBM, square_features  # noqa: E402
-from xcryonet.experiment import raw_crops  # noqa: E402
 from xcryonet.labels import SCORE_NAMES  # noqa: E402
-from xcryonet.train import read_table, split_rows  # noqa: E402
+from xcryonet.train import split_rows  # noqa: E402
 
 FAMILIES = {
     "detectors": (
@@ -77,13 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--labeled", type=int, nargs="+", default=[100, 900])
-    ap.add_argument("--squares", default=str(ROOT / "squares"))
-    ap.add_argument("--labels", default=str(ROOT / "data" / "labels.csv"))
+    add_data_args(ap, ROOT)
     args = ap.parse_args(argv)
 
-    table = read_table(args.squares, args.labels)
-    y = table[[f"label_{s}" for s in SCORE_NAMES]].to_numpy(float)
-    crops, masks = raw_crops(Path(args.squares), table)
+    table, y, crops, masks = labelled_crops(args.squares, args.labels)
     x, names = square_features(crops, masks)
     family = np.array([family_of(n) for n in names])
     sets = {"all": np.ones(len(names), bool)}
