@@ -172,3 +172,7 @@ def test_claims_are_paired_on_the_splits_and_give_a_verdict():
     text = claims_markdown(claims(results))
     assert "| XCryoNet beats primary | XCryoNet-SS vs Primary-SS | 100 | overall | +0.103" in text
     assert claims_markdown(claims(_results({}))) == ""
+    # Only the splits both methods ran are compared; none in common, no row.
+    apart = _results({"Primary-SS": [0.1] * 6})
+    apart = apart[(apart["method"] != "Primary-SS") | (apart["repeat"] >= 4)]
+    assert claims(apart).empty

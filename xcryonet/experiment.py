@@ -347,6 +347,8 @@ def claims(results: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
             except KeyError:
                 continue
             reps = w.index.intersection(lo.index)
+            if reps.empty:  # no split run by both
+                continue
             for score in CLAIM_SCORES:
                 d = (lo.loc[reps, score] - w.loc[reps, score]).to_numpy(float)
                 mean = float(d.mean())
