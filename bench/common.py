@@ -56,3 +56,15 @@ def labelled_crops(
     y = table[[f"label_{s}" for s in SCORE_NAMES]].to_numpy(float)
     crops, masks = raw_crops(Path(squares), table)
     return table, y, crops, masks
+
+
+def read_truth(truth_dir: str | Path) -> pd.DataFrame | None:
+    """The simulator's per-square truth of every grid in ``truth_dir`` (one CSV per grid;
+    ``grids.csv``, a row per grid, is skipped), or None with a one-line message on stderr when
+    there is none."""
+    tables = [pd.read_csv(f) for f in sorted(Path(truth_dir).glob("*.csv"))]
+    tables = [t for t in tables if "square_id" in t.columns]
+    if not tables:
+        print(f"{truth_dir}: no per-square truth CSVs (run `make demo` first)", file=sys.stderr)
+        return None
+    return pd.concat(tables, ignore_index=True)

@@ -19,10 +19,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import read_truth  # noqa: E402  (bench/ sibling)
 
 from xcryonet.config import Params  # noqa: E402
 from xcryonet.io.atomic import atomic_write_text  # noqa: E402
@@ -40,12 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="labels.csv to write")
     ap.add_argument("--truth", default=str(ROOT / "data" / "truth"))
     args = ap.parse_args(argv)
-    tables = [pd.read_csv(f) for f in sorted(Path(args.truth).glob("*.csv"))]
-    tables = [t for t in tables if "square_id" in t.columns]
-    if not tables:
-        print(f"{args.truth}: no per-square truth CSVs (run `make demo` first)", file=sys.stderr)
+    truth = read_truth(args.truth)
+    if truth is None:
         return 2
-    truth = pd.concat(tables, ignore_index=True)
     s = score_squares(truth)
     ice = np.asarray(ice_score(truth["ice_thickness_nm"]))
     cfg = Params().simulate

@@ -20,10 +20,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import read_truth  # noqa: E402  (bench/ sibling)
 
 from xcryonet.simulate import ice_score, overall_score, score_squares  # noqa: E402
 
@@ -32,13 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--truth", default=str(ROOT / "data" / "truth"))
     args = ap.parse_args(argv)
-    # One CSV per grid with a row per square; grids.csv (one row per grid) is not one.
-    tables = [pd.read_csv(f) for f in sorted(Path(args.truth).glob("*.csv"))]
-    tables = [t for t in tables if "square_id" in t.columns]
-    if not tables:
-        print(f"{args.truth}: no per-square truth CSVs (run `make demo` first)", file=sys.stderr)
+    truth = read_truth(args.truth)
+    if truth is None:
         return 2
-    truth = pd.concat(tables, ignore_index=True)
     truth = truth[truth["complete"].astype(bool)]
     s = score_squares(truth)
     att = {
@@ -57,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     weakest = np.minimum.reduce(list(level.values()))
     is_min = {k: v == weakest for k, v in level.items()}
     n_min = np.sum(list(is_min.values()), axis=0)
-    print(f"{len(truth)} complete squares in {len(tables)} grids")
+    print(f"{len(truth)} complete squares in {truth['grid_id'].nunique()} grids")
     print(f"{'attribute':<14} {'weakest':>8} {'only weakest':>13}")
     for k, m in is_min.items():
         print(f"{k:<14} {m.mean():8.3f} {(m & (n_min == 1)).mean():13.3f}")
