@@ -3,8 +3,8 @@
     python bench/overall_limits.py [--truth data/truth]
 
 Reads the simulator's ground truth of every complete square and prints, for the overall score
-(``simulate.overall_score``: the weakest of ice, squareness, 5 - cracking and
-5 - contamination):
+(``simulate.overall_score``: the weakest of ice, squareness, 4 - cracking and
+4 - contamination, one less when both defects are 2 or more):
 - how often each attribute is the weakest (ties count for each) and the only weakest;
 - the overall MAE and the share of squares changed when cracking, contamination or both are
   taken as 0 (a scorer blind to them), or one higher on every square (a scorer off by one).
@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     level = {
         "ice": att["ice"],
         "squareness": att["squareness"],
-        "cracking": 5 - att["cracking"],
-        "contamination": 5 - att["contamination"],
+        "cracking": 4 - att["cracking"],
+        "contamination": 4 - att["contamination"],
     }
     weakest = np.minimum.reduce(list(level.values()))
     is_min = {k: v == weakest for k, v in level.items()}

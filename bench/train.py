@@ -21,10 +21,11 @@ processed, and one epoch is ``sum(phase_size / img_s)``; the projected run is 75
 (checkpointing, data loading and the final evaluation excluded). At 640 px on a CPU only a
 few batches are timed, and the per-image rate is extrapolated to the epoch; the output says so.
 
-Knobs: ``--stem-stride``, ``--amp bf16`` (autocast; the CPU has AVX512-BF16), ``--threads``,
-``--compile`` (``nn.Module.compile``; the compile time is reported apart), ``--channels-last``
-(weights and inputs in channels_last). A knob that crashes is reported, not fatal. Device
-``auto`` uses CUDA when available, so the same script measures a GPU.
+Knobs: ``--stem-stride``, ``--branch-stem-stride`` (the attribute branches'; 0 = the same as the
+primary's, as before December 2026), ``--amp bf16`` (autocast; the CPU has AVX512-BF16),
+``--threads``, ``--compile`` (``nn.Module.compile``; the compile time is reported apart),
+``--channels-last`` (weights and inputs in channels_last). A knob that crashes is reported, not
+fatal. Device ``auto`` uses CUDA when available, so the same script measures a GPU.
 
 The allocator settings MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ (4 GiB) are set for every
 process (the script re-executes itself with them when they are missing).
@@ -103,7 +104,12 @@ def worker(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     cfg = TrainConfig(batch_size=args.batch_size, amp=args.amp, device=args.device, progress=False)
-    mcfg = ModelConfig(input_px=px, stem_stride=args.stem_stride, width=args.width)
+    mcfg = ModelConfig(
+        input_px=px,
+        stem_stride=args.stem_stride,
+        branch_stem_stride=args.branch_stem_stride,
+        width=args.width,
+    )
     torch.manual_seed(0)
     model = build_model("xcryonet", mcfg).to(device)
     if args.channels_last:
@@ -183,6 +189,7 @@ def worker(args: argparse.Namespace) -> dict:
 def _knob_args(args: argparse.Namespace) -> list[str]:
     a = [
         f"--stem-stride={args.stem_stride}",
+        f"--branch-stem-stride={args.branch_stem_stride}",
         f"--amp={args.amp}",
         f"--threads={args.threads}",
         f"--batch-size={args.batch_size}",
@@ -241,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--px", type=int, nargs="+", default=[128, 640], help="input sizes")
     ap.add_argument("--quick", action="store_true", help="time fewer batches")
     ap.add_argument("--stem-stride", type=int, default=2, help="stride of the first conv")
+    ap.add_argument(
+        "--branch-stem-stride",
+        type=int,
+        default=1,
+        help="stride of the attribute branches' first conv (0 = --stem-stride; params: 1)",
+    )
     ap.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--compile", action="store_true", help="nn.Module.compile the model")
@@ -263,7 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     variants = [(_describe(base), base)]
     if args.sweep:
         threads = "--threads=2" if args.threads == 1 else "--threads=1"
-        for knob in ("--stem-stride=4", "--amp=bf16", threads, "--channels-last", "--compile"):
+        for knob in (
+            "--stem-stride=4",
+            "--branch-stem-stride=0",
+            "--amp=bf16",
+            threads,
+            "--channels-last",
+            "--compile",
+        ):
             # Later flags override earlier ones, so the knob wins over the base setting.
             variants.append((f"base + {knob.lstrip('-')}", [*base, knob]))
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")

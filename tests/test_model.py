@@ -107,6 +107,41 @@ def test_large_input_and_stem_stride():
     assert out["recon_primary"].shape == (1, 1, 640, 640)
 
 
+@pytest.mark.parametrize("mix", [False, True])
+def test_finer_attribute_branches(mix):
+    """branch_stem_stride=1: the attribute branches see a twice finer raster than the primary;
+    the fusion pools (or mixes) maps of both sizes, and everything still trains."""
+    torch.manual_seed(5)
+    cfg = {**TINY, "stem_stride": 2, "branch_stem_stride": 1, "fusion_mix": mix}
+    model = build_model("xcryonet", **cfg)
+    x = torch.randn(3, 1, 32, 32)
+    out = model(x)
+    assert out["features_primary"].shape[-1] == 32 // 8
+    assert out["features_cracking"].shape[-1] == out["features_contamination"].shape[-1] == 32 // 4
+    assert out["scores"].shape == (3, 5) and out["recon_cracking"].shape == (3, 1, 32, 32)
+    sum(v.float().square().mean() for v in out.values()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # 0 means "as the primary": the same raster everywhere (the architecture before the setting).
+    same = build_model("xcryonet", **{**TINY, "stem_stride": 2, "branch_stem_stride": 0})(x)
+    assert same["features_cracking"].shape == same["features_primary"].shape
+    with pytest.raises(InputError, match="branch_stem_stride"):
+        ModelConfig(branch_stem_stride=-1)
+
+
+def test_fusion_pools_each_branch_as_the_concatenation():
+    """Pooling branch by branch gives the vector the fusion got from the concatenated maps, so
+    models trained before the finer branches existed score the same."""
+    torch.manual_seed(6)
+    model = build_model("xcryonet", **TINY, branch_stem_stride=0).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        out = model(x, reconstruct=())
+        feats = [out[f"features_{b}"] for b in ("primary", "cracking", "contamination")]
+        old = model.fusion.classifier(torch.cat(feats, dim=1), model.primary(x)["stats"])
+    torch.testing.assert_close(out["scores"], old, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("variant", sorted(MODELS))
 def test_parameter_groups_partition_parameters(variant):
     model = build_model(variant, **TINY)

@@ -285,7 +285,12 @@ def test_scores_are_monotone_in_their_inputs():
         if sq < 4:
             assert int(overall_score(ic, sq + 1, cr, co)) >= o
     assert int(overall_score(4, 4, 0, 0)) == 4
-    assert int(overall_score(4, 4, 1, 1)) == 4  # a hairline crack or a few specks cost nothing
+    # Every visible defect costs: a hairline crack or a few specks a point, a clear crack two.
+    assert int(overall_score(4, 4, 1, 0)) == 3
+    assert int(overall_score(4, 4, 0, 1)) == 3
+    assert int(overall_score(4, 4, 2, 0)) == 2
+    assert int(overall_score(4, 4, 4, 0)) == 0
+    assert int(overall_score(4, 4, 2, 2)) == 1  # clearly cracked and contaminated: one more
 
 
 def test_truth_scores_follow_from_truth_fractions(big_truth):

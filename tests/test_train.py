@@ -438,6 +438,31 @@ def test_trained_model_loads_predicts_and_evaluates(dataset, tmp_path):
     assert all(v is not None and v >= 0 for v in mae.values())
 
 
+def test_model_saved_before_finer_branches_loads_as_it_was_built(tmp_path):
+    """A model.pt whose config has no branch_stem_stride (written before the setting existed)
+    was built with the primary's stride in every branch; it must load that way and predict as
+    it did, not take today's default."""
+    from dataclasses import asdict, replace
+
+    from xcryonet.train import MODEL_FILE
+
+    torch.manual_seed(0)
+    old_cfg = replace(TINY_MODEL, branch_stem_stride=0)
+    model = build_model("xcryonet", old_cfg).eval()
+    record = {k: v for k, v in asdict(old_cfg).items() if k != "branch_stem_stride"}
+    (tmp_path / "m").mkdir()
+    torch.save(
+        {"variant": "xcryonet", "model_cfg": record, "run": {}, "model": model.state_dict()},
+        tmp_path / "m" / MODEL_FILE,
+    )
+    assert ModelConfig().branch_stem_stride != 0  # today's default differs
+    loaded, cfg = load_model(tmp_path / "m")
+    assert cfg.branch_stem_stride == 0
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)["scores"], model(x)["scores"])
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -70,14 +70,16 @@ class ResBlock(nn.Module):
 
 
 class FeatureNet(nn.Module):
-    """A strided convolution and two ResBlocks: (B, 1, H, W) -> (B, 2*width, H/(4s), W/(4s))."""
+    """A strided convolution and two ResBlocks: (B, 1, H, W) -> (B, 2*width, H/(4s), W/(4s)),
+    s = ``stem_stride`` (None = ``cfg.stem_stride``)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, stem_stride: int | None = None):
         super().__init__()
         w = cfg.width
-        k = 2 * cfg.stem_stride + 1
+        stride = stem_stride or cfg.stem_stride
+        k = 2 * stride + 1
         self.stem = nn.Sequential(
-            nn.Conv2d(1, w, k, cfg.stem_stride, k // 2, bias=False), _norm(w), nn.ReLU()
+            nn.Conv2d(1, w, k, stride, k // 2, bias=False), _norm(w), nn.ReLU()
         )
         self.block1 = ResBlock(w, 2 * w, stride=2)
         self.block2 = ResBlock(2 * w, 2 * w, stride=2, activate_output=False)
@@ -166,12 +168,19 @@ class Classifier(nn.Module):
             if head is not None:
                 nn.init.constant_(head[-1].bias, 2.0)  # type: ignore[arg-type]
 
-    def forward(self, feat: Tensor, stats: Tensor | None = None) -> Tensor:
+    @staticmethod
+    def pool(feat: Tensor) -> Tensor:
+        """(B, C, h, w) feature maps -> (B, 2C): mean and max of their ReLU."""
         f = F.relu(feat)
-        parts = [f.mean(dim=(2, 3)), f.amax(dim=(2, 3))]
+        return torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
+
+    def forward(self, feat: Tensor, stats: Tensor | None = None) -> Tensor:
+        return self.forward_pooled(self.pool(feat), stats)
+
+    def forward_pooled(self, pooled: Tensor, stats: Tensor | None = None) -> Tensor:
+        """The heads on pooled features (B, 2C) (``pool``), with the statistics appended."""
         if stats is not None:
-            parts.append(stats.to(f.dtype))
-        pooled = torch.cat(parts, dim=1)
+            pooled = torch.cat([pooled, stats.to(pooled.dtype)], dim=1)
         attrs = self.attributes(pooled)
         if self.overall is None:
             return attrs
@@ -231,9 +240,11 @@ class Branch(nn.Module):
     one attribute from its attention-weighted input and reconstructs that input.
     """
 
-    def __init__(self, cfg: ModelConfig, n_attributes: int, overall: bool):
+    def __init__(
+        self, cfg: ModelConfig, n_attributes: int, overall: bool, stem_stride: int | None = None
+    ):
         super().__init__()
-        self.features = FeatureNet(cfg)
+        self.features = FeatureNet(cfg, stem_stride)
         c = self.features.out_channels
         self.use_stats = cfg.input_stats
         n_stats = N_INPUT_STATS if cfg.input_stats else 0
@@ -276,7 +287,17 @@ class Fusion(nn.Module):
         )
 
     def forward(self, feats: list[Tensor], stats: Tensor | None = None) -> Tensor:
-        return self.classifier(self.mix(torch.cat(feats, dim=1)), stats)
+        if isinstance(self.mix, nn.Identity):
+            # Pool each branch's maps on its own raster (the attribute branches may be finer);
+            # the same vector as pooling the concatenated maps: every mean, then every max.
+            relu = [F.relu(f) for f in feats]
+            pooled = torch.cat(
+                [f.mean(dim=(2, 3)) for f in relu] + [f.amax(dim=(2, 3)) for f in relu], dim=1
+            )
+            return self.classifier.forward_pooled(pooled, stats)
+        size = feats[0].shape[-2:]
+        same = [f if f.shape[-2:] == size else F.adaptive_avg_pool2d(f, size) for f in feats]
+        return self.classifier(self.mix(torch.cat(same, dim=1)), stats)
 
 
 class XCryoNet(nn.Module):
@@ -300,7 +321,9 @@ class XCryoNet(nn.Module):
         self.fusion: Fusion | None = None
         if attention:
             for name in ATTRIBUTE_BRANCHES:
-                self.branches[name] = Branch(cfg, 1, overall=False)
+                self.branches[name] = Branch(
+                    cfg, 1, overall=False, stem_stride=cfg.branch_stem_stride
+                )
             c = self.primary.features.out_channels
             self.fusion = Fusion(cfg, c, 1 + len(ATTRIBUTE_BRANCHES))
 

@@ -247,17 +247,18 @@ def ice_score(ice_thickness_nm: Any) -> np.ndarray:
 def overall_score(ice: Any, squareness: Any, cracking: Any, contamination: Any) -> np.ndarray:
     """Overall 0..4 (higher = better), the way an operator weighs the attributes.
 
-    The square is only as good as its weakest attribute: ``min(ice, squareness, 5 - cracking,
-    5 - contamination)`` (so a hairline crack or a few specks cost nothing), minus one more when
-    it is both clearly cracked and clearly contaminated (both >= 2).
+    The square is only as good as its weakest attribute, and every visible defect costs:
+    ``min(ice, squareness, 4 - cracking, 4 - contamination)`` (a hairline crack or a few specks
+    take a point off a perfect square, one clear crack two), minus one more when it is both
+    clearly cracked and clearly contaminated (both >= 2).
     """
     ice = np.asarray(ice, np.int64)
     sq = np.asarray(squareness, np.int64)
     cr = np.asarray(cracking, np.int64)
     co = np.asarray(contamination, np.int64)
-    best = np.minimum(np.minimum(ice, sq), np.minimum(5 - cr, 5 - co))
+    best = np.minimum(np.minimum(ice, sq), np.minimum(4 - cr, 4 - co))
     both = ((cr >= 2) & (co >= 2)).astype(np.int64)
-    return np.clip(np.minimum(best, 4) - both, 0, 4)
+    return np.clip(best - both, 0, 4)
 
 
 def score_squares(truth: pd.DataFrame) -> pd.DataFrame:

@@ -638,6 +638,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 # ModelConfig fields that only change how a trained model predicts, not what training does.
 PREDICTION_ONLY = ("tta",)
+# Architecture settings added after models were first saved, with the value those models were
+# built with: a saved config without the key means that value, not today's default.
+LEGACY_MODEL_CFG: dict[str, Any] = {"branch_stem_stride": 0}
 
 
 def _trained_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -751,7 +754,8 @@ def train(
     ckpt_path = out_dir / CHECKPOINT
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
-        saved = (ckpt.get("variant"), _trained_cfg(ckpt.get("model_cfg") or {}), ckpt.get("run"))
+        saved_cfg = {**LEGACY_MODEL_CFG, **(ckpt.get("model_cfg") or {})}
+        saved = (ckpt.get("variant"), _trained_cfg(saved_cfg), ckpt.get("run"))
         if saved != (variant, _trained_cfg(asdict(model_cfg)), run):
             raise InputError(
                 ckpt_path,
@@ -845,7 +849,8 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[XCryoNet, Mo
     path = Path(model_dir) / MODEL_FILE
     rec = load_checkpoint(path)
     known = {f.name for f in fields(ModelConfig)}
-    cfg = ModelConfig(**{k: v for k, v in rec["model_cfg"].items() if k in known})
+    saved = {**LEGACY_MODEL_CFG, **rec["model_cfg"]}
+    cfg = ModelConfig(**{k: v for k, v in saved.items() if k in known})
     model = build_model(str(rec["variant"]), cfg)
     try:
         model.load_state_dict(rec["model"])
