@@ -295,8 +295,8 @@ class Fusion(nn.Module):
                 [f.mean(dim=(2, 3)) for f in relu] + [f.amax(dim=(2, 3)) for f in relu], dim=1
             )
             return self.classifier.forward_pooled(pooled, stats)
-        size = feats[0].shape[-2:]
-        same = [f if f.shape[-2:] == size else F.adaptive_avg_pool2d(f, size) for f in feats]
+        h, w = feats[0].shape[-2:]
+        same = [f if f.shape[-2:] == (h, w) else F.adaptive_avg_pool2d(f, (h, w)) for f in feats]
         return self.classifier(self.mix(torch.cat(same, dim=1)), stats)
 
 
