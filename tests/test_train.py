@@ -43,8 +43,9 @@ SQUARES_COLUMNS = (
 )
 
 
-def write_dataset(root, n_per_grid=(14, 12), sides=(20, 28), labelled_every=2):
-    """A tiny extraction output (squares/<grid>/{squares.csv, crops.npz}) and labels.csv."""
+def write_dataset(root, n_per_grid=(14, 12), sides=(20, 28), labelled_every=2, blank_cell=True):
+    """A tiny extraction output (squares/<grid>/{squares.csv, crops.npz}) and labels.csv.
+    ``blank_cell``: square 4 of each grid has no cracking label (partly labelled)."""
     rng = np.random.default_rng(0)
     squares = root / "squares"
     label_rows = ["grid_id,x_um,y_um,cracking,contamination,overall"]
@@ -58,7 +59,7 @@ def write_dataset(root, n_per_grid=(14, 12), sides=(20, 28), labelled_every=2):
                 f"{grid},{i},0,0,{x_um},{y_um},60,{side},100.0,0.9,True,{i % 5},{(i + g) % 5}"
             )
             if i % labelled_every == 0:
-                crack = "" if i == 4 else str(i % 5)  # one blank cell: partly labelled
+                crack = "" if i == 4 and blank_cell else str(i % 5)
                 label_rows.append(f"{grid},{x_um},{y_um},{crack},{(i * 3) % 5},{(i * 2) % 5}")
         (squares / grid / "squares.csv").write_text("\n".join(rows) + "\n")
         crops = rng.random((n, side, side)).astype(np.float16)
@@ -330,6 +331,39 @@ def test_score_and_explain_gives_predicts_scores_and_the_maps(tta):
     assert model.training  # the mode is restored
     empty = score_and_explain(model, [])
     assert [a.shape for a in empty] == [(0, 5), (0, 16, 16), (0, 2, 16, 16)]
+
+
+def test_attention_picture_shows_the_models_pixels_and_heats_where_the_map_is_high():
+    """render_attention: three panels of P x P pixels, each magnified to scale x scale blocks
+    (nearest neighbour: the pixels the model saw). Where the map is high the 'hot' colours
+    cover the square (white at the top, red-orange half way); where it is 0 the grey square
+    shows through."""
+    from xcryonet.explain import render_attention
+
+    p, scale = 16, 4
+    square = np.full((p, p), 0.6, np.float32)
+    maps = np.zeros((2, p, p), np.float32)
+    maps[0, :4, :4] = 1.0  # cracking attention: top-left corner ...
+    maps[0, 8:10, :] = 0.5  # ... and a half-height band
+    maps[1, -4:, -4:] = 1.0  # contamination attention: bottom-right corner
+    img = render_attention(square, maps, [1, 2, 3, 4, 0], title="g #1", scale=scale)
+    header = 18
+    rgb = np.asarray(img)[header : header + p * scale]
+    assert rgb.shape[:2] == (p * scale, 3 * (p + 4) * scale)
+    panel = (p + 4) * scale  # each panel is padded by 4 model pixels
+
+    def pixel(k, row, col):  # model pixel (row, col) of panel k, as int RGB
+        return rgb[row * scale, k * panel + col * scale].astype(int)
+
+    crack = rgb[:, panel : panel + p * scale]
+    blocks = crack.reshape(p, scale, p, scale, 3)
+    assert (blocks == blocks[:, :1, :, :1]).all()  # one flat block per model pixel
+    grey, top, band = pixel(1, 12, 12), pixel(1, 2, 2), pixel(1, 9, 8)
+    assert abs(grey[0] - grey[2]) < 5 and grey[0] < 120, grey  # the square, darkened a little
+    assert top.min() > 200, top  # white-hot
+    assert band[0] > 200 and band[0] > band[1] + 40 and band[1] > band[2] + 40, band  # orange
+    assert pixel(2, 13, 13).min() > 200 and abs(pixel(2, 2, 2)[0] - pixel(2, 2, 2)[2]) < 5
+    assert (pixel(0, 2, 2) == pixel(0, 13, 13)).all()  # the plain square has no overlay
 
 
 # ----------------------------------------------------------------------------- train / resume
