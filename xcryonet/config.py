@@ -103,7 +103,7 @@ class ModelConfig:
         branch_stem_stride: the same for the cracking and contamination branches' feature nets
             (0 = ``stem_stride``). The default 1 gives them 16 x 16 maps at 64 px, twice as fine
             as the primary's 8 x 8, for thin cracks and small specks (the paper's "multi-scale"
-            attributes): XCryoNet-SS at 100 labels, cracking MAE 0.48 -> 0.35
+            attributes): XCryoNet-SS at 100 labels, cracking MAE 0.48 -> 0.38
             (docs/experiment.md, "Follow-up 3"). Models saved before this field existed were
             built with 0 and load as such.
         input_px: side every square is resampled to before the model sees it. The CPU default,
