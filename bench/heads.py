@@ -70,10 +70,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("experiment", help="an `xcryonet experiment --out` folder")
     add_data_args(ap, ROOT)
     args = ap.parse_args(argv)
+    try:
+        return report(args)
+    except InputError as err:  # one line naming the file and the problem, as the CLI does
+        print(f"heads.py: {err}", file=sys.stderr)
+        return 2
+
+
+def report(args: argparse.Namespace) -> int:
+    """Print the per-head MAE table of every finished run of ``args.experiment``."""
     runs = sorted(p.parent for p in Path(args.experiment).glob(f"runs/*/{MODEL_FILE}"))
     if not runs:
-        print(f"{args.experiment}: no finished runs under runs/", file=sys.stderr)
-        return 2
+        raise InputError(args.experiment, "no finished runs under runs/")
     torch.set_num_threads(1)
     table = read_table(args.squares, args.labels)
     pairs = zip(table["grid_id"], table["square_id"], strict=True)

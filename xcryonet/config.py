@@ -155,6 +155,11 @@ class ModelConfig:
         if self.norm_std <= 0:
             raise InputError("model", f"norm_std must be > 0, got {self.norm_std}")
 
+    @property
+    def attribute_stem_stride(self) -> int:
+        """The attribute branches' stem stride (``branch_stem_stride``; 0 = ``stem_stride``)."""
+        return self.branch_stem_stride or self.stem_stride
+
 
 @dataclass(frozen=True)
 class TrainConfig:

@@ -71,12 +71,11 @@ class ResBlock(nn.Module):
 
 class FeatureNet(nn.Module):
     """A strided convolution and two ResBlocks: (B, 1, H, W) -> (B, 2*width, H/(4s), W/(4s)),
-    s = ``stem_stride`` (None = ``cfg.stem_stride``)."""
+    s = ``stride`` of the first convolution."""
 
-    def __init__(self, cfg: ModelConfig, stem_stride: int | None = None):
+    def __init__(self, cfg: ModelConfig, stride: int):
         super().__init__()
         w = cfg.width
-        stride = stem_stride or cfg.stem_stride
         k = 2 * stride + 1
         self.stem = nn.Sequential(
             nn.Conv2d(1, w, k, stride, k // 2, bias=False), _norm(w), nn.ReLU()
@@ -168,19 +167,16 @@ class Classifier(nn.Module):
             if head is not None:
                 nn.init.constant_(head[-1].bias, 2.0)  # type: ignore[arg-type]
 
-    @staticmethod
-    def pool(feat: Tensor) -> Tensor:
-        """(B, C, h, w) feature maps -> (B, 2C): mean and max of their ReLU."""
-        f = F.relu(feat)
-        return torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
-
-    def forward(self, feat: Tensor, stats: Tensor | None = None) -> Tensor:
-        return self.forward_pooled(self.pool(feat), stats)
-
-    def forward_pooled(self, pooled: Tensor, stats: Tensor | None = None) -> Tensor:
-        """The heads on pooled features (B, 2C) (``pool``), with the statistics appended."""
+    def forward(self, feats: Tensor | Sequence[Tensor], stats: Tensor | None = None) -> Tensor:
+        """``feats``: (B, C, h, w) feature maps, or several (B, C_i, h_i, w_i) on rasters of
+        their own. Pooled to the means of their ReLU, then the maxes (each in ``feats`` order;
+        for maps of one raster the same vector as pooling their concatenation), plus ``stats``.
+        """
+        relu = [F.relu(f) for f in ([feats] if isinstance(feats, Tensor) else feats)]
+        parts = [f.mean(dim=(2, 3)) for f in relu] + [f.amax(dim=(2, 3)) for f in relu]
         if stats is not None:
-            pooled = torch.cat([pooled, stats.to(pooled.dtype)], dim=1)
+            parts.append(stats.to(parts[0].dtype))
+        pooled = torch.cat(parts, dim=1)
         attrs = self.attributes(pooled)
         if self.overall is None:
             return attrs
@@ -240,9 +236,7 @@ class Branch(nn.Module):
     one attribute from its attention-weighted input and reconstructs that input.
     """
 
-    def __init__(
-        self, cfg: ModelConfig, n_attributes: int, overall: bool, stem_stride: int | None = None
-    ):
+    def __init__(self, cfg: ModelConfig, n_attributes: int, overall: bool, stem_stride: int):
         super().__init__()
         self.features = FeatureNet(cfg, stem_stride)
         c = self.features.out_channels
@@ -288,13 +282,8 @@ class Fusion(nn.Module):
 
     def forward(self, feats: list[Tensor], stats: Tensor | None = None) -> Tensor:
         if isinstance(self.mix, nn.Identity):
-            # Pool each branch's maps on its own raster (the attribute branches may be finer);
-            # the same vector as pooling the concatenated maps: every mean, then every max.
-            relu = [F.relu(f) for f in feats]
-            pooled = torch.cat(
-                [f.mean(dim=(2, 3)) for f in relu] + [f.amax(dim=(2, 3)) for f in relu], dim=1
-            )
-            return self.classifier.forward_pooled(pooled, stats)
+            # Each branch pooled on its own raster (the attribute branches may be finer).
+            return self.classifier(feats, stats)
         h, w = feats[0].shape[-2:]
         same = [f if f.shape[-2:] == (h, w) else F.adaptive_avg_pool2d(f, (h, w)) for f in feats]
         return self.classifier(self.mix(torch.cat(same, dim=1)), stats)
@@ -315,14 +304,14 @@ class XCryoNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.variant = variant
-        self.primary = Branch(cfg, N_ATTRIBUTES, overall=True)
+        self.primary = Branch(cfg, N_ATTRIBUTES, overall=True, stem_stride=cfg.stem_stride)
         self.attention = Attention()
         self.branches = nn.ModuleDict()
         self.fusion: Fusion | None = None
         if attention:
             for name in ATTRIBUTE_BRANCHES:
                 self.branches[name] = Branch(
-                    cfg, 1, overall=False, stem_stride=cfg.branch_stem_stride
+                    cfg, 1, overall=False, stem_stride=cfg.attribute_stem_stride
                 )
             c = self.primary.features.out_channels
             self.fusion = Fusion(cfg, c, 1 + len(ATTRIBUTE_BRANCHES))

@@ -643,6 +643,11 @@ PREDICTION_ONLY = ("tta",)
 LEGACY_MODEL_CFG: dict[str, Any] = {"branch_stem_stride": 0}
 
 
+def saved_model_cfg(saved: dict[str, Any] | None) -> dict[str, Any]:
+    """A model config as a checkpoint stored it, with ``LEGACY_MODEL_CFG`` for missing keys."""
+    return {**LEGACY_MODEL_CFG, **(saved or {})}
+
+
 def _trained_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:
     """A ModelConfig dict without the prediction-only fields (what a resumed run must match)."""
     return {k: v for k, v in model_cfg.items() if k not in PREDICTION_ONLY}
@@ -754,8 +759,8 @@ def train(
     ckpt_path = out_dir / CHECKPOINT
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
-        saved_cfg = {**LEGACY_MODEL_CFG, **(ckpt.get("model_cfg") or {})}
-        saved = (ckpt.get("variant"), _trained_cfg(saved_cfg), ckpt.get("run"))
+        saved_cfg = _trained_cfg(saved_model_cfg(ckpt.get("model_cfg")))
+        saved = (ckpt.get("variant"), saved_cfg, ckpt.get("run"))
         if saved != (variant, _trained_cfg(asdict(model_cfg)), run):
             raise InputError(
                 ckpt_path,
@@ -849,7 +854,7 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[XCryoNet, Mo
     path = Path(model_dir) / MODEL_FILE
     rec = load_checkpoint(path)
     known = {f.name for f in fields(ModelConfig)}
-    saved = {**LEGACY_MODEL_CFG, **rec["model_cfg"]}
+    saved = saved_model_cfg(rec["model_cfg"])
     cfg = ModelConfig(**{k: v for k, v in saved.items() if k in known})
     model = build_model(str(rec["variant"]), cfg)
     try:
