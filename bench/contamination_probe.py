@@ -1,0 +1,120 @@
+"""How much of the contamination label is one number: the enclosed dark share of the open area?
+
+    python bench/contamination_probe.py [--squares squares] [--labels data/labels.csv]
+        [--labeled 100 900] [--repeats 4]
+
+On the experiment's own splits (``train.split_rows``, seeds 0..repeats-1, the same test squares
+as ``xcryonet experiment``'s table) it fits a monotone (isotonic) map from one statistic to the
+contamination label on the labelled training squares and prints the test MAE of its rounded
+predictions, mean ± s.d. over the repeats. The statistics:
+
+- ``extractor``: holes of the extractor's open-area mask at native resolution, as a share of
+  the filled mask (``scipy.ndimage.binary_fill_holes``), as the boosted features see them;
+- ``model``: the same share on the model's own input (``model.input_px``, normalised), with
+  the input statistics' open-area threshold (``xcryonet.model.OPEN_FRACTION`` of the way from
+  the 5th to the 90th percentile), so the CNN's input holds this number.
+
+If one number does about as well as gradient boosting on 77 features, the contamination label
+is that number binned, and a model without it has to learn "is this dark patch enclosed by
+film?" from the labels, which two ResBlocks' receptive field cannot see. (Handing the CNN's
+classifiers this number as one more input statistic did not close the gap: docs/experiment.md,
+"Follow-up 4".)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import ndimage as ndi
+from sklearn.isotonic import IsotonicRegression
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common import add_data_args, labelled_crops  # noqa: E402  (bench/ sibling)
+
+from xcryonet.config import ModelConfig, load_params  # noqa: E402
+from xcryonet.errors import InputError  # noqa: E402
+from xcryonet.labels import SCORE_NAMES  # noqa: E402
+from xcryonet.model import OPEN_FRACTION  # noqa: E402
+from xcryonet.train import load_squares_set, split_rows  # noqa: E402
+
+CONTAMINATION = SCORE_NAMES.index("contamination")
+
+
+def mask_hole_share(masks: list[np.ndarray]) -> np.ndarray:
+    """(N,) share of each filled open-area mask that is holes."""
+    out = np.zeros(len(masks))
+    for i, m in enumerate(masks):
+        if m.size:
+            filled = ndi.binary_fill_holes(m)
+            n_filled = int(np.count_nonzero(filled))
+            out[i] = np.count_nonzero(filled & ~m) / max(n_filled, 1)
+    return out
+
+
+def model_hole_share(squares: str, table: pd.DataFrame, cfg: ModelConfig) -> np.ndarray:
+    """(N,) share of the filled open area that is holes on the model's input, per table row;
+    the open area is thresholded as ``xcryonet.model.input_stats`` does."""
+    data = load_squares_set(squares, table, cfg, np.ones(len(table), bool))
+    x = data.x[:, 0].float().numpy()
+    q05, q90 = np.quantile(x.reshape(len(x), -1), [0.05, 0.9], axis=1)
+    is_open = x > (q05 + OPEN_FRACTION * (q90 - q05))[:, None, None]
+    return mask_hole_share(list(is_open))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_data_args(ap, ROOT)
+    ap.add_argument("--labeled", type=int, nargs="+", default=[100, 900])
+    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"), help="params file")
+    args = ap.parse_args(argv)
+    try:
+        return report(args)
+    except InputError as err:  # one line naming the file and the problem, as the CLI does
+        print(f"contamination_probe.py: {err}", file=sys.stderr)
+        return 2
+
+
+def report(args: argparse.Namespace) -> int:
+    torch.set_num_threads(1)
+    params = load_params(args.params)
+    table, y, _, masks = labelled_crops(args.squares, args.labels)
+    labelled = table["labelled"].to_numpy()
+    stats = {"extractor": np.full(len(table), np.nan), "model": np.full(len(table), np.nan)}
+    rows = np.flatnonzero(labelled)
+    stats["extractor"][rows] = mask_hole_share([masks[i] for i in rows])
+    stats["model"][rows] = model_hole_share(args.squares, table.iloc[rows], params.model)
+    print("statistic | labelled | contamination MAE (rounded), mean ± s.d. | per repeat")
+    for name, s in stats.items():
+        for n in args.labeled:
+            maes = []
+            for r in range(args.repeats):
+                lab, _, test = split_rows(
+                    table,
+                    supervision="fs",
+                    labeled=n,
+                    unlabeled=0,
+                    test_fraction=params.train.test_fraction,
+                    seed=r,
+                    path=args.labels,
+                )
+                ok = ~np.isnan(y[lab, CONTAMINATION])
+                fit = IsotonicRegression(out_of_bounds="clip")
+                fit.fit(s[lab][ok], y[lab, CONTAMINATION][ok])
+                t_ok = ~np.isnan(y[test, CONTAMINATION])
+                pred = np.rint(fit.predict(s[test][t_ok]))
+                maes.append(float(np.abs(pred - y[test, CONTAMINATION][t_ok]).mean()))
+            per = " ".join(f"{m:.3f}" for m in maes)
+            print(f"{name} | {n} | {np.mean(maes):.3f} ± {np.std(maes, ddof=1):.3f} | {per}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
