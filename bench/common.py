@@ -1,4 +1,5 @@
-"""Shared by the bench scripts: allocator settings, peak-memory readout, the labelled crops."""
+"""Shared by the bench scripts: allocator settings, peak-memory readout, the labelled crops,
+one-line errors."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import os
 import resource
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +70,17 @@ def read_truth(truth_dir: str | Path) -> pd.DataFrame | None:
         print(f"{truth_dir}: no per-square truth CSVs (run `make demo` first)", file=sys.stderr)
         return None
     return pd.concat(tables, ignore_index=True)
+
+
+def report_or_one_line_error(
+    script: str, report: Callable[[argparse.Namespace], int], args: argparse.Namespace
+) -> int:
+    """Run ``report(args)``; bad input (``InputError``) becomes one line on stderr naming the
+    file and the problem, prefixed by ``script``, and exit status 2, as the CLI does."""
+    from xcryonet.errors import InputError
+
+    try:
+        return report(args)
+    except InputError as err:
+        print(f"{script}: {err}", file=sys.stderr)
+        return 2

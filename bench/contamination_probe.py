@@ -36,7 +36,7 @@ from sklearn.isotonic import IsotonicRegression
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import add_data_args, labelled_crops  # noqa: E402  (bench/ sibling)
+from common import add_data_args, labelled_crops, report_or_one_line_error  # noqa: E402  (bench/ sibling)
 
 from xcryonet.config import ModelConfig, load_params  # noqa: E402
 from xcryonet.errors import InputError  # noqa: E402
@@ -75,14 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--params", default=str(ROOT / "params.yaml"), help="params file")
     args = ap.parse_args(argv)
-    try:
-        return report(args)
-    except InputError as err:  # one line naming the file and the problem, as the CLI does
-        print(f"contamination_probe.py: {err}", file=sys.stderr)
-        return 2
+    return report_or_one_line_error(Path(__file__).name, report, args)
 
 
 def report(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise InputError("--repeats", f"must be >= 1, got {args.repeats}")
     torch.set_num_threads(1)
     params = load_params(args.params)
     table, y, _, masks = labelled_crops(args.squares, args.labels)

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import add_data_args  # noqa: E402  (bench/ sibling)
+from common import add_data_args, report_or_one_line_error  # noqa: E402  (bench/ sibling)
 
 from xcryonet.errors import InputError  # noqa: E402
 from xcryonet.labels import SCORE_NAMES  # noqa: E402
@@ -70,11 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("experiment", help="an `xcryonet experiment --out` folder")
     add_data_args(ap, ROOT)
     args = ap.parse_args(argv)
-    try:
-        return report(args)
-    except InputError as err:  # one line naming the file and the problem, as the CLI does
-        print(f"heads.py: {err}", file=sys.stderr)
-        return 2
+    return report_or_one_line_error(Path(__file__).name, report, args)
 
 
 def report(args: argparse.Namespace) -> int:
