@@ -378,3 +378,32 @@ def test_simulated_grid_each_mesh_and_layout(k, mesh, layout, tmp_path):
 @pytest.mark.parametrize("k", range(3, 12))
 def test_simulated_demo_grids(k, tmp_path):
     _check_simulated(*_simulated_run(k, tmp_path))
+
+
+def test_ncc_match_is_the_correlation_coefficient_at_every_pixel():
+    from skimage.feature import match_template
+
+    from xcryonet.extract import ncc_match
+
+    rng = np.random.default_rng(5)
+    image = rng.random((23, 19))
+    image[:6, :8] = 0.5  # a flat patch: no correlation there
+    template = rng.random((5, 7))
+    got = ncc_match(image, template)
+    assert got.shape == image.shape and got.dtype == np.float64
+    # Brute force: the Pearson coefficient of the template with the reflect-padded window
+    # centred on each pixel.
+    padded = np.pad(image, ((2, 2), (3, 3)), mode="reflect")
+    t = template - template.mean()
+    for r in range(image.shape[0]):
+        for c in range(image.shape[1]):
+            w = padded[r : r + 5, c : c + 7]
+            w = w - w.mean()
+            norm = np.sqrt((w**2).sum() * (t**2).sum())
+            want = (w * t).sum() / norm if norm > 1e-9 else 0.0
+            assert abs(got[r, c] - want) < 1e-9, (r, c)
+    # And scikit-image's matcher, which it replaces, at the extractor's settings and float32.
+    big, tmpl = rng.random((240, 260), np.float32), rng.random((31, 30), np.float32)
+    ref = match_template(big, tmpl, pad_input=True, mode="reflect")
+    np.testing.assert_allclose(ncc_match(big, tmpl), ref, atol=1e-6)
+    assert ncc_match(big, tmpl).dtype == np.float32

@@ -189,6 +189,28 @@ def test_input_stats_carry_the_absolute_intensity_level():
     np.testing.assert_allclose(shifted[:, levels] - stats[:, levels], 0.5, atol=1e-5)
 
 
+def test_sorted_rows_uses_numpy_only_where_no_gradient_flows():
+    from xcryonet.model import input_stats, sorted_rows
+
+    gen = torch.Generator().manual_seed(1)
+    flat = torch.randn((5, 300), generator=gen)
+    flat[0, :10] = 0.25  # ties
+    expected = flat.sort(dim=1).values
+    # No gradient: numpy's sort, the same values (and a tensor that shares no graph).
+    fast = sorted_rows(flat)
+    assert torch.equal(fast, expected) and fast.grad_fn is None
+    with torch.no_grad():
+        assert torch.equal(sorted_rows(flat.clone().requires_grad_()), expected)
+    # A gradient to carry (the attention-weighted branch inputs in training): torch's sort.
+    leaf = flat.clone().requires_grad_()
+    slow = sorted_rows(leaf)
+    assert torch.equal(slow.detach(), expected) and slow.grad_fn is not None
+    # The statistics' gradient reaches the input through the quantiles.
+    x = torch.rand((2, 1, 16, 16), generator=gen).requires_grad_()
+    input_stats(x)[:, 2:5].sum().backward()
+    assert x.grad is not None and (x.grad != 0).sum() > 0
+
+
 def test_open_area_statistics_ignore_the_bars():
     from xcryonet.model import input_stats
 

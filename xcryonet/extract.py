@@ -11,7 +11,8 @@ own intensity distribution) and adds what makes it fast and complete on big atla
    grid's intensity levels (``Levels``: bars, open squares, the brightest vacuum-like level).
 3. Draw the template from those estimates: one bright square of the estimated side, surrounded by
    dark bars of the estimated width, at the estimated angle. Match it over the coarse image with
-   ``skimage.feature.match_template`` (NCC) and take the local maxima above ``cfg.ncc_threshold``.
+   ``ncc_match`` (NCC, as ``skimage.feature.match_template``) and take the local maxima above
+   ``cfg.ncc_threshold``.
 4. Fit the lattice (origin + two basis vectors) to those peaks, growing outwards from the centre so
    a small pitch error cannot mis-index far peaks. Every lattice site in the image is a candidate:
    peaks off the lattice are dropped; a site is a square when its NCC passes, or its open area is
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage as ndi
-from skimage.feature import match_template, peak_local_max
+from skimage.feature import peak_local_max
 from skimage.filters import threshold_otsu
 
 from xcryonet.config import ExtractConfig
@@ -439,6 +440,48 @@ def estimate_lattice(image: np.ndarray, pixel_size_um: float, *, fourier_px: int
 # Template matching and the lattice fit (coarse image)
 
 
+def ncc_match(image: np.ndarray, template: np.ndarray) -> np.ndarray:
+    """Normalized cross-correlation of a (m, n) template at every pixel of a (M, N) image.
+
+    Returns (M, N) in [-1, 1]: the correlation coefficient of the template with the image
+    window centred on each pixel (the image reflect-padded at its edges); 0 where the window is
+    flat. The same numbers as ``skimage.feature.match_template(image, template,
+    pad_input=True, mode="reflect")`` (the same algorithm: FFT correlation and running window
+    sums), without importing ``scipy.signal``, which costs 0.4-0.9 s of every command's start.
+    """
+    dtype = np.float32 if image.dtype == np.float32 else np.float64
+    image = np.asarray(image, dtype)
+    template = np.asarray(template, dtype)
+    (m, n), (rows, cols) = template.shape, image.shape
+    padded = np.pad(image, ((m, m), (n, n)), mode="reflect")
+
+    def window_sum(a: np.ndarray) -> np.ndarray:
+        s = np.cumsum(a, axis=0)
+        s = s[m:-1] - s[: -m - 1]
+        s = np.cumsum(s, axis=1)
+        return s[:, n:-1] - s[:, : -n - 1]
+
+    win_sum, win_sum2 = window_sum(padded), window_sum(padded**2)
+    t_mean = template.mean()
+    t_ssd = np.sum((template - t_mean) ** 2)
+    # Correlation = convolution with the flipped template, keeping the "valid" part.
+    shape = [
+        sfft.next_fast_len(padded.shape[0] + m - 1, real=True),
+        sfft.next_fast_len(padded.shape[1] + n - 1, real=True),
+    ]
+    spectrum = sfft.rfft2(padded, shape) * sfft.rfft2(template[::-1, ::-1], shape)
+    full = sfft.irfft2(spectrum, shape)
+    valid_rows, valid_cols = padded.shape[0] - m + 1, padded.shape[1] - n + 1
+    xcorr = full[m - 1 : m - 1 + valid_rows, n - 1 : n - 1 + valid_cols][1:-1, 1:-1]
+    numerator = xcorr - win_sum * t_mean
+    denominator = np.sqrt(np.maximum((win_sum2 - win_sum * win_sum / (m * n)) * t_ssd, 0))
+    response = np.zeros_like(xcorr, dtype=dtype)
+    ok = denominator > np.finfo(dtype).eps
+    response[ok] = numerator[ok] / denominator[ok]
+    r0, c0 = (m - 1) // 2, (n - 1) // 2
+    return response[r0 : r0 + rows, c0 : c0 + cols]
+
+
 def square_template(pitch: float, square: float, angle_rad: float, levels: Levels) -> np.ndarray:
     """One bright open square of side ``square`` inside dark bars, turned by ``angle_rad``.
 
@@ -748,7 +791,7 @@ def find_squares(image: np.ndarray, pixel_size_um: float, cfg: ExtractConfig) ->
         tmpl = square_template(pc, sq_c, angle, fold.levels)
         if min(coarse.shape) <= tmpl.shape[0]:
             raise NoLatticeError(f"image of {image.shape} px holds too few pitches")
-        ncc = match_template(coarse, tmpl, pad_input=True, mode="reflect")
+        ncc = ncc_match(coarse, tmpl)
         peaks = peak_local_max(
             ncc,
             min_distance=max(1, int(0.4 * pc)),

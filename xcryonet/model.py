@@ -23,6 +23,7 @@ import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -94,6 +95,20 @@ N_INPUT_STATS = 7
 OPEN_FRACTION = 0.3
 
 
+def sorted_rows(flat: Tensor) -> Tensor:
+    """(B, N) -> (B, N), each row in ascending order.
+
+    On a CPU, when no gradient has to flow through the sort (inference, or inputs that do not
+    require one), numpy's sort gives the same values about 2.5x faster than ``Tensor.sort``
+    (0.72 -> 0.3 s of a 290-square grid's scoring on 2 cores). Traced or exported (the MLflow
+    ``pt2`` model, whose tensors are subclasses) it stays in torch.
+    """
+    plain = type(flat) is Tensor and not torch.compiler.is_compiling()
+    if not plain or flat.device.type != "cpu" or (flat.requires_grad and torch.is_grad_enabled()):
+        return flat.sort(dim=1).values
+    return torch.from_numpy(np.sort(flat.detach().numpy(), axis=1))
+
+
 def input_stats(x: Tensor) -> Tensor:
     """Global intensity statistics of (B, 1, H, W) inputs -> (B, 7).
 
@@ -110,7 +125,7 @@ def input_stats(x: Tensor) -> Tensor:
     flat = x[..., ::step, ::step].float().flatten(1)
     # torch.quantile's linear interpolation, by one sort (torch.quantile itself is several
     # times slower on a CPU).
-    ordered = flat.sort(dim=1).values
+    ordered = sorted_rows(flat)
     pos = torch.tensor([0.05, 0.25, 0.5, 0.9], dtype=torch.float64) * (flat.shape[1] - 1)
     lo, hi = pos.floor().long(), pos.ceil().long()
     frac = (pos - lo).to(flat.dtype).to(x.device)

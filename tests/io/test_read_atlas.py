@@ -408,3 +408,14 @@ def test_grid_id_for(tmp_path: Path) -> None:
     assert grid_id_for(tmp_path / "G1" / "Atlas" / "Atlas.dm") == "G1"
     assert grid_id_for(tmp_path / "x" / "grid_5.mrc") == "grid_5"
     assert grid_id_for(tmp_path / "x" / "grid_5.mrc.mdoc") == "grid_5"
+
+
+def test_f2_critical_is_the_f_distributions_upper_quantile():
+    from scipy import stats
+
+    from xcryonet.io.atlas import f2_critical
+
+    for d2 in (1, 2, 5, 30, 64, 500):
+        for alpha in (1e-3, 0.05):
+            want = stats.f.isf(alpha, 2, d2)
+            assert f2_critical(d2, alpha) == pytest.approx(want, rel=1e-9), (d2, alpha)
