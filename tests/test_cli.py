@@ -40,9 +40,10 @@ def assert_one_line_error(out, *needles):
 def demo(tmp_path_factory):
     """Three small simulated grids (one per layout), extracted through the CLI."""
     root = tmp_path_factory.mktemp("cli")
-    run("simulate", "--params", root / "none.yaml", *SMALL, "--grids", 3, cwd=root)
+    (root / "defaults.yaml").write_text("")  # an empty params file: every default
+    run("simulate", "--params", root / "defaults.yaml", *SMALL, "--grids", 3, cwd=root)
     grids = sorted((root / "data" / "raw").iterdir())
-    run("extract", *grids, "--out", root / "squares", "--params", root / "none.yaml", cwd=root)
+    run("extract", *grids, "--out", root / "squares", "--params", root / "defaults.yaml", cwd=root)
     return root
 
 
@@ -135,6 +136,11 @@ def test_bad_params_and_missing_input(tmp_path):
     assert_one_line_error(out, "nothing-here")
     out = run("extract", FIXTURE, "--out", tmp_path / "o2", check=False)
     assert_one_line_error(out, "no image")
+    # A mistyped --params is an error, not a silent run on the defaults.
+    typo = tmp_path / "tuned.yml"
+    out = run("extract", FIXTURE, "--out", tmp_path / "o3", "--params", typo, check=False)
+    assert_one_line_error(out, "tuned.yml", "does not exist")
+    assert not (tmp_path / "o3").exists()
 
 
 TINY_MODEL = [
@@ -151,7 +157,7 @@ def model_dir(demo):
     out = demo / "model"
     run(
         "train", "--squares", demo / "squares", "--labels", demo / "data" / "labels.csv",
-        "--out", out, "--labeled", 20, "--unlabeled", 30, "--params", demo / "none.yaml",
+        "--out", out, "--labeled", 20, "--unlabeled", 30, "--params", demo / "defaults.yaml",
         *TINY_MODEL,
     )  # fmt: skip
     return out
@@ -173,7 +179,7 @@ def test_train_evaluate_score(demo, model_dir, tmp_path):
     targets_csv, att, nav = tmp_path / "t.csv", tmp_path / "att", tmp_path / "t.nav"
     out = run(
         "score", grid, "--model", model_dir, "--out", targets_csv, "--attention", att,
-        "--nav", nav, "--top", 5, "--params", demo / "none.yaml",
+        "--nav", nav, "--top", 5, "--params", demo / "defaults.yaml",
     )  # fmt: skip
     info = json.loads(out.stdout)
     targets = pd.read_csv(targets_csv)

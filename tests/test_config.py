@@ -99,3 +99,15 @@ def test_paper_profile_gives_valid_overrides(tmp_path):
     bad.write_text("- not a mapping\n")
     with pytest.raises(InputError, match="mapping of sections"):
         profile_overrides(bad)
+
+
+def test_named_params_file_must_exist(tmp_path, monkeypatch):
+    # A mistyped path is an error naming it, not a silent run on the defaults.
+    with pytest.raises(InputError, match=r"tuned\.yml: does not exist"):
+        load_params(tmp_path / "tuned.yml")
+    # The default name is optional: outside a project (no params.yaml here) the defaults.
+    monkeypatch.chdir(tmp_path)
+    assert load_params() == Params()
+    assert load_params("params.yaml", ["train.epochs=3"]).train.epochs == 3
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 5\n")
+    assert load_params().train.epochs == 5

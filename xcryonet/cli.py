@@ -18,7 +18,11 @@ from xcryonet.errors import InputError
 
 
 def _add_params(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument(
+        "--params",
+        default="params.yaml",
+        help="params file (default: params.yaml in the working folder, else the defaults)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",

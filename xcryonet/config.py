@@ -399,9 +399,22 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw)
 
 
-def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = ()) -> Params:  # type: ignore[assignment]
-    """Load ``params.yaml`` (defaults when ``path`` is None or missing) plus ``--set`` overrides."""
+# The params file every command reads unless told otherwise, relative to the working folder.
+DEFAULT_PARAMS = "params.yaml"
+
+
+def load_params(path: str | Path | None = DEFAULT_PARAMS, overrides: list[str] = ()) -> Params:  # type: ignore[assignment]
+    """Load a params file plus ``--set`` overrides.
+
+    ``path`` None gives the defaults; the default name ``params.yaml`` gives that file when the
+    working folder has one, else the defaults (a command run outside a project); any other path
+    must exist, so a mistyped ``--params`` is an error, not a silent run on the defaults.
+    """
     data: dict[str, Any] = {}
+    if path is not None and not Path(path).exists():
+        if str(path) != DEFAULT_PARAMS:
+            raise InputError(path, "does not exist")
+        path = None
     source = str(path) if path is not None else "params"
     if path is not None and Path(path).exists():
         try:
