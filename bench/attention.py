@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import report_or_one_line_error  # noqa: E402  (bench/ sibling)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -77,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grids", nargs="+", help="grid ids (default: all)")
     ap.add_argument("--max-squares", type=int, default=None, help="spread over the grids")
     args = ap.parse_args(argv)
+    return report_or_one_line_error(Path(__file__).name, report, args)
 
+
+def report(args: argparse.Namespace) -> int:
+    """Print the attention-contrast table for ``args``."""
     params = load_params(args.params)
     model, cfg = load_model(args.model)
     grid = cfg.input_px // (4 * cfg.stem_stride)

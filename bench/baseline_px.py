@@ -20,7 +20,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import add_data_args, labelled_crops  # noqa: E402  (bench/ sibling)
+from common import add_data_args, labelled_crops, report_or_one_line_error  # noqa: E402  (bench/ sibling)
 
 from xcryonet.baselines import build_baseline  # noqa: E402
 from xcryonet.labels import SCORE_NAMES  # noqa: E402
@@ -33,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1)
     add_data_args(ap, ROOT)
     args = ap.parse_args(argv)
+    return report_or_one_line_error(Path(__file__).name, report, args)
 
+
+def report(args: argparse.Namespace) -> int:
+    """Print the table for ``args``."""
     table, y, crops, masks = labelled_crops(args.squares, args.labels)
     small = [resample(c[None], args.px)[0, 0].numpy() for c in crops]
     small_m = [resample(m[None].astype(np.float32), args.px)[0, 0].numpy() > 0.5 for m in masks]

@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import add_data_args, labelled_crops  # noqa: E402  (bench/ sibling)
+from common import add_data_args, labelled_crops, report_or_one_line_error  # noqa: E402  (bench/ sibling)
 
 from xcryonet.baselines import FeaturesGBM, square_features  # noqa: E402
 from xcryonet.labels import SCORE_NAMES  # noqa: E402
@@ -80,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labeled", type=int, nargs="+", default=[100, 900])
     add_data_args(ap, ROOT)
     args = ap.parse_args(argv)
+    return report_or_one_line_error(Path(__file__).name, report, args)
 
+
+def report(args: argparse.Namespace) -> int:
+    """Print the table for ``args``."""
     table, y, crops, masks = labelled_crops(args.squares, args.labels)
     x, names = square_features(crops, masks)
     family = np.array([family_of(n) for n in names])
