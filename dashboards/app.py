@@ -3,7 +3,8 @@
 Run it with ``xcryonet dashboard`` or ``streamlit run dashboards/app.py`` (127.0.0.1 by default,
 see .streamlit/config.toml). UI only: every computation is a function of the xcryonet package.
 Environment: ``MLFLOW_TRACKING_URI`` (else params.yaml's store), ``XCRYONET_GRIDS`` (the folder
-of grids to choose from, default data/raw), ``XCRYONET_PARAMS`` (default params.yaml).
+of grids to choose from, default data/raw), ``XCRYONET_PARAMS`` (default params.yaml, used
+when the working folder has one; a file named here must exist).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from xcryonet.config import load_params
+from xcryonet.config import DEFAULT_PARAMS, load_params
 from xcryonet.errors import InputError
 
 # The Prefect flows (pipelines/) live beside the dashboard in the repository, not in the
@@ -27,7 +28,7 @@ _REPO_ROOT = str(Path(__file__).resolve().parents[1])
 if _REPO_ROOT not in sys.path:
     sys.path.append(_REPO_ROOT)
 
-PARAMS_PATH = os.environ.get("XCRYONET_PARAMS", "params.yaml")
+PARAMS_PATH = os.environ.get("XCRYONET_PARAMS", DEFAULT_PARAMS)
 GRIDS_DIR = Path(os.environ.get("XCRYONET_GRIDS", "data/raw"))
 SQUARES_DIR = Path(os.environ.get("XCRYONET_SQUARES", "squares"))
 LABELS_CSV = Path(os.environ.get("XCRYONET_LABELS", "data/labels.csv"))
@@ -35,9 +36,14 @@ REPO = Path(os.environ.get("XCRYONET_REPO", "."))
 SCORES = ["brightness", "squareness", "cracking", "contamination", "overall"]
 
 
-@st.cache_resource(show_spinner=False)
 def _params():
-    return load_params(PARAMS_PATH if Path(PARAMS_PATH).exists() else None)
+    return _load_params(PARAMS_PATH)
+
+
+@st.cache_resource(show_spinner=False)
+def _load_params(path: str):
+    """The params of ``path``, cached per path (so the cache follows ``XCRYONET_PARAMS``)."""
+    return load_params(path)
 
 
 @st.cache_resource(show_spinner=False)
@@ -424,4 +430,9 @@ PAGES = {"Score a grid": score_page, "Compare runs": compare_page, "Label square
 st.set_page_config(page_title="xcryonet", layout="wide")
 st.sidebar.title("xcryonet")
 page = st.sidebar.radio("Page", list(PAGES), key="page")
+try:
+    _params()
+except InputError as err:  # e.g. a mistyped XCRYONET_PARAMS: say so, do not run on defaults
+    st.error(f"{err} (XCRYONET_PARAMS)")
+    st.stop()
 PAGES[page]()

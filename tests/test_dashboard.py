@@ -95,6 +95,20 @@ def test_a_corrupt_upload_shows_the_readers_one_line_error(app):
         unpack_upload([("atlas.zip", b"junk")], Path(os.environ.get("TMPDIR", "/tmp")) / "u")
 
 
+def test_a_missing_params_file_is_one_error_not_a_run_on_the_defaults(store, monkeypatch, tmp_path):
+    _use_store(monkeypatch, store, _copy_labels(store, tmp_path))
+    missing = tmp_path / "tuned.yml"
+    monkeypatch.setenv("XCRYONET_PARAMS", str(missing))
+    at = AppTest.from_file(APP, default_timeout=180).run()
+    assert not at.exception, at.exception
+    assert [e.value for e in at.error] == [f"{missing}: does not exist (XCRYONET_PARAMS)"]
+    assert not at.button  # no page ran: nothing to click
+    # The store's own params file makes it work again.
+    monkeypatch.setenv("XCRYONET_PARAMS", str(store / "params.yaml"))
+    at = AppTest.from_file(APP, default_timeout=180).run()
+    assert not at.error and at.button
+
+
 def test_label_page_saves_labels_in_uncertainty_order(store, monkeypatch, tmp_path):
     from xcryonet.labels import read_labels
 
