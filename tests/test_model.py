@@ -19,20 +19,21 @@ TINY = {"width": 4, "hidden": 8, "input_px": 32}
 
 
 @pytest.mark.parametrize("variant", sorted(MODELS))
-@pytest.mark.parametrize("px", [32, 36])
-def test_forward_backward_shapes_no_nan(variant, px):
+@pytest.mark.parametrize(("px", "extremes"), [(32, False), (36, False), (32, True)])
+def test_forward_backward_shapes_no_nan(variant, px, extremes):
     torch.manual_seed(0)
-    model = build_model(variant, **{**TINY, "input_px": px})
-    x = torch.randn(3, 1, px, px)
+    model = build_model(variant, **{**TINY, "input_px": px, "extremes": extremes})
+    c = 3 if extremes else 1
+    x = torch.randn(3, c, px, px)
     out = model(x)
     assert out["scores"].shape == (3, 5)
     assert out["scores_primary"].shape == (3, 5)
     assert out["attention"].shape == (3, 2, px, px)
-    assert out["recon_primary"].shape == (3, 1, px, px)
+    assert out["recon_primary"].shape == (3, c, px, px)
     if variant == "xcryonet":
         for a in ("cracking", "contamination"):
             assert out[f"score_{a}"].shape == (3,)
-            assert out[f"recon_{a}"].shape == out[f"input_{a}"].shape == (3, 1, px, px)
+            assert out[f"recon_{a}"].shape == out[f"input_{a}"].shape == (3, c, px, px)
     loss = sum(v.float().square().mean() for v in out.values())
     loss.backward()
     for name, p in model.named_parameters():

@@ -205,14 +205,14 @@ def test_registry_errors_are_one_line(tracked):
         tracking.rollback(other)
 
 
-@pytest.mark.parametrize("tta", [True, False])
-def test_scoring_model_matches_predict_at_any_size(tta):
+@pytest.mark.parametrize(("tta", "extremes"), [(True, False), (False, False), (True, True)])
+def test_scoring_model_matches_predict_at_any_size(tta, extremes):
     torch.manual_seed(0)
     from dataclasses import replace
 
     from xcryonet.model import build_model
 
-    model = build_model("xcryonet", replace(TINY_MODEL, tta=tta)).eval()
+    model = build_model("xcryonet", replace(TINY_MODEL, tta=tta, extremes=extremes)).eval()
     wrapped = tracking.ScoringModel(model).eval()
     crops = np.random.default_rng(0).random((2, 23, 23)).astype(np.float32)
     with torch.no_grad():

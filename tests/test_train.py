@@ -22,6 +22,7 @@ from xcryonet.train import (
     load_model,
     make_optimizers,
     masked_mse,
+    model_input,
     normalize,
     phase_batches,
     phase_loss,
@@ -30,6 +31,7 @@ from xcryonet.train import (
     predict,
     predict_tensor,
     read_table,
+    resample,
     run_phase,
     split_rows,
     train,
@@ -313,24 +315,47 @@ def test_tta_is_the_mean_over_the_8_views_and_follows_the_config():
     assert torch.allclose(predict_tensor(model, x), plain, atol=1e-6)
 
 
-@pytest.mark.parametrize("tta", [True, False])
-def test_score_and_explain_gives_predicts_scores_and_the_maps(tta):
+@pytest.mark.parametrize(("tta", "extremes"), [(True, False), (False, False), (True, True)])
+def test_score_and_explain_gives_predicts_scores_and_the_maps(tta, extremes):
     from xcryonet.explain import score_and_explain, square_attention
     from xcryonet.model import attention_maps
 
     torch.manual_seed(0)
-    model = build_model("xcryonet", ModelConfig(**{**TINY_MODEL.__dict__, "tta": tta}))
+    cfg = ModelConfig(**{**TINY_MODEL.__dict__, "tta": tta, "extremes": extremes})
+    model = build_model("xcryonet", cfg)
     rng = np.random.default_rng(0)
     crops = [rng.random((s, s)).astype(np.float32) for s in (20, 16, 24)]
     scores, inputs, maps = score_and_explain(model, crops, batch_size=8)
     np.testing.assert_allclose(scores, predict(model, crops), atol=1e-5)
     assert inputs.shape == (3, 16, 16) and maps.shape == (3, 2, 16, 16)
-    x = normalize(torch.from_numpy(inputs)[:, None], model.cfg)
+    x = torch.cat([model_input(c[None], cfg) for c in crops])
+    np.testing.assert_array_equal(x[:, 0].numpy(), normalize(torch.from_numpy(inputs), cfg))
     np.testing.assert_allclose(maps, attention_maps(model, x).numpy(), atol=1e-5)
     np.testing.assert_array_equal(square_attention(model, crops, batch_size=8)[1], maps)
     assert model.training  # the mode is restored
     empty = score_and_explain(model, [])
     assert [a.shape for a in empty] == [(0, 5), (0, 16, 16), (0, 2, 16, 16)]
+
+
+def test_local_extremes_keep_a_one_pixel_crack_that_averaging_dilutes():
+    """A bright line one native pixel wide on grey film, resampled 96 -> 32 px: the averaged
+    channel keeps a third of its contrast or less, the max channel all of it, and the min
+    channel is the film; dark specks likewise keep their depth in the min channel."""
+    crop = np.full((1, 96, 96), 0.5, np.float32)
+    crop[0, 40, :] = 1.0  # the crack
+    crop[0, 70, 70] = 0.0  # a one-pixel speck
+    x = resample(crop, 32, extremes=True)
+    assert x.shape == (1, 3, 32, 32)
+    np.testing.assert_array_equal(resample(crop, 32)[0, 0], x[0, 0])
+    mean, hi, lo = x[0, 0], x[0, 1], x[0, 2]
+    assert float(mean.max()) - 0.5 <= 0.5 / 3 + 1e-3
+    assert float(hi.max()) == 1.0 and int((hi == 1.0).all(dim=1).sum()) == 1  # one full row
+    assert float(lo.min()) == 0.0 and int((lo == 0.0).sum()) == 1
+    assert float(mean.min()) > 0.4
+    # Crops already at the model's size pass through: every channel is the crop itself.
+    same = resample(crop[:, :32, :32], 32, extremes=True)
+    for k in range(3):
+        np.testing.assert_array_equal(same[0, k], crop[0, :32, :32])
 
 
 def test_attention_picture_shows_the_models_pixels_and_heats_where_the_map_is_high():
@@ -449,21 +474,24 @@ def test_kill_and_resume_gives_identical_results(dataset, tmp_path, monkeypatch)
     _assert_same_run(tmp_path / "straight", tmp_path / "killed")
 
 
-def test_trained_model_loads_predicts_and_evaluates(dataset, tmp_path):
+@pytest.mark.parametrize("extremes", [False, True])
+def test_trained_model_loads_predicts_and_evaluates(dataset, tmp_path, extremes):
     squares, labels = dataset
     cfg = TrainConfig(**{**TINY_TRAIN.__dict__, "epochs": 1})
+    model_cfg = ModelConfig(**{**TINY_MODEL.__dict__, "extremes": extremes})
     metrics = train(
         squares,
         labels,
         tmp_path / "m",
         cfg,
-        model_cfg=TINY_MODEL,
+        model_cfg=model_cfg,
         variant="primary",
         supervision="fs",
     )
     assert metrics["unlabeled"] == 0
     model, mcfg = load_model(tmp_path / "m")
-    assert mcfg == TINY_MODEL and model.variant == "primary"
+    assert mcfg == model_cfg and model.variant == "primary"
+    assert model.primary.features.stem[0].in_channels == (3 if extremes else 1)
     crops = [np.random.default_rng(0).random((s, s)) for s in (10, 20, 33)]
     scores = predict(model, crops)
     assert scores.shape == (3, 5) and (scores >= 0).all() and (scores <= 4).all()

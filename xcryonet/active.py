@@ -15,7 +15,7 @@ import torch
 
 from xcryonet.labels import SCORE_NAMES
 from xcryonet.model import XCryoNet, dihedral_views
-from xcryonet.train import normalize, predict_tensor, resample
+from xcryonet.train import model_input, predict_tensor
 
 LABELLED_SCORES = ("cracking", "contamination", "overall")
 
@@ -25,7 +25,7 @@ def tta_uncertainty(model: XCryoNet, crops: Sequence[np.ndarray] | np.ndarray) -
     if len(crops) == 0:
         return np.zeros(0)
     cfg = model.cfg
-    x = torch.cat([normalize(resample(np.asarray(c)[None], cfg.input_px), cfg) for c in crops])
+    x = torch.cat([model_input(np.asarray(c)[None], cfg) for c in crops])
     # (8, N, 5): each view on its own (tta=False), for the spread between them.
     preds = torch.stack([predict_tensor(model, v, tta=False) for v in dihedral_views(x)])
     cols = [SCORE_NAMES.index(s) for s in LABELLED_SCORES]

@@ -33,7 +33,7 @@ def score_and_explain(
             np.zeros((0, px, px), np.float32),
             np.zeros((0, 2, px, px), np.float32),
         )
-    x = torch.cat([resample(np.asarray(c, np.float32)[None], px) for c in crops])
+    x = torch.cat([resample(np.asarray(c, np.float32)[None], px, cfg.extremes) for c in crops])
     scores, maps = view_mean_batches(
         model, x, batch_size, maps=True, prepare=lambda xb: normalize(xb, cfg)
     )

@@ -1,8 +1,8 @@
 """XCryoNet: the attention-guided square scorer, one ``nn.Module`` per concept.
 
-Shapes: images are (B, 1, H, W) float32 (any H, W; H = W = ``ModelConfig.input_px`` in
-training); scores are (B, 5) in ``SCORE_NAMES`` order (brightness, squareness, cracking,
-contamination, overall), on the 0..4 label scale.
+Shapes: images are (B, C, H, W) float32 (C = 1, or 3 with ``ModelConfig.extremes``; any H, W;
+H = W = ``ModelConfig.input_px`` in training); scores are (B, 5) in ``SCORE_NAMES`` order
+(brightness, squareness, cracking, contamination, overall), on the 0..4 label scale.
 
 Layout (paper, Fig. 2):
 
@@ -70,8 +70,13 @@ class ResBlock(nn.Module):
         return F.relu(y) if self.activate_output else y
 
 
+def in_channels(cfg: ModelConfig) -> int:
+    """Input channels: the resampled square, plus its local max and min with ``extremes``."""
+    return 3 if cfg.extremes else 1
+
+
 class FeatureNet(nn.Module):
-    """A strided convolution and two ResBlocks: (B, 1, H, W) -> (B, 2*width, H/(4s), W/(4s)),
+    """A strided convolution and two ResBlocks: (B, C, H, W) -> (B, 2*width, H/(4s), W/(4s)),
     s = ``stride`` of the first convolution."""
 
     def __init__(self, cfg: ModelConfig, stride: int):
@@ -79,7 +84,9 @@ class FeatureNet(nn.Module):
         w = cfg.width
         k = 2 * stride + 1
         self.stem = nn.Sequential(
-            nn.Conv2d(1, w, k, stride, k // 2, bias=False), _norm(w), nn.ReLU()
+            nn.Conv2d(in_channels(cfg), w, k, stride, k // 2, bias=False),
+            _norm(w),
+            nn.ReLU(),
         )
         self.block1 = ResBlock(w, 2 * w, stride=2)
         self.block2 = ResBlock(2 * w, 2 * w, stride=2, activate_output=False)
@@ -216,7 +223,7 @@ class Decoder(nn.Module):
         w = cfg.width
         self.up1 = nn.ConvTranspose2d(c_in, w, 4, 2, 1)
         self.up2 = nn.ConvTranspose2d(w, w, 4, 2, 1)
-        self.out = nn.Conv2d(w, 1, 3, 1, 1)
+        self.out = nn.Conv2d(w, in_channels(cfg), 3, 1, 1)
 
     def forward(self, feat: Tensor, size: tuple[int, int]) -> Tensor:
         y = self.out(F.relu(self.up2(F.relu(self.up1(F.relu(feat))))))
@@ -264,7 +271,7 @@ class Branch(nn.Module):
 
     def forward(self, x: Tensor, reconstruct: bool = True) -> dict[str, Tensor]:
         feat = self.features(x)
-        stats = input_stats(x) if self.use_stats else None
+        stats = input_stats(x[:, :1]) if self.use_stats else None
         out = {"features": feat, "scores": self.classifier(feat, stats)}
         if stats is not None:
             out["stats"] = stats

@@ -33,7 +33,7 @@ from torch import nn
 from xcryonet.config import MlflowConfig, Params, to_dict
 from xcryonet.errors import InputError
 from xcryonet.model import XCryoNet
-from xcryonet.train import view_mean_scores
+from xcryonet.train import local_extremes, view_mean_scores
 
 MODEL_ARTIFACT = "model"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -142,11 +142,15 @@ class ScoringModel(nn.Module):
         cfg = model.cfg
         self.px, self.mean, self.std = int(cfg.input_px), float(cfg.norm_mean), float(cfg.norm_std)
         self.tta = bool(cfg.tta)
+        self.extremes = bool(cfg.extremes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raw = x.float()
         x = F.interpolate(
-            x.float(), size=(self.px, self.px), mode="bilinear", align_corners=False, antialias=True
+            raw, size=(self.px, self.px), mode="bilinear", align_corners=False, antialias=True
         )
+        if self.extremes:
+            x = torch.cat([x, local_extremes(raw, self.px)], dim=1)
         # As xcryonet.train.predict_tensor: clipped after averaging over the views.
         return view_mean_scores(self.model, (x - self.mean) / self.std, self.tta).clamp(0, 4)
 

@@ -40,6 +40,7 @@ from xcryonet.model import (
     ModelConfig,
     XCryoNet,
     build_model,
+    in_channels,
     parameter_groups,
     view_mean_outputs,
 )
@@ -68,7 +69,8 @@ class SquareSet:
     """Squares ready for the model.
 
     Attributes:
-        x: (N, 1, P, P) float16 normalised squares (float16 halves memory at 640 px).
+        x: (N, C, P, P) float16 normalised squares (float16 halves memory at 640 px); C = 1, or
+            3 with ``model.extremes`` (``model_input``).
         y: (N, 5) float32 labels in SCORE_NAMES order, NaN = not labelled.
         keys: ``"<grid_id>/<square_id>"`` per square.
     """
@@ -241,12 +243,29 @@ def normalize(crops: Tensor, cfg: ModelConfig) -> Tensor:
     return (crops - cfg.norm_mean) / cfg.norm_std
 
 
-def resample(crops: np.ndarray | Tensor, px: int) -> Tensor:
-    """(N, S, S) crops of one size -> (N, 1, px, px) float32, antialiased bilinear."""
+def local_extremes(t: Tensor, px: int) -> Tensor:
+    """(N, 1, S, S) -> (N, 2, px, px): the largest and the smallest native pixel under each
+    output pixel (``adaptive_max_pool2d`` windows).
+
+    Averaging S -> px (1.5-4x on the demo grids) dilutes a crack one native pixel wide, or a speck
+    of a few, to a fraction of its contrast; the extremes keep it at full contrast.
+    """
+    return torch.cat([F.adaptive_max_pool2d(t, px), -F.adaptive_max_pool2d(-t, px)], dim=1)
+
+
+def resample(crops: np.ndarray | Tensor, px: int, extremes: bool = False) -> Tensor:
+    """(N, S, S) crops of one size -> (N, 1, px, px) float32, antialiased bilinear; with
+    ``extremes`` (N, 3, px, px), channels 1-2 the ``local_extremes``."""
     t = torch.as_tensor(np.asarray(crops, dtype=np.float32)).unsqueeze(1)
-    if t.shape[-2:] == (px, px):
-        return t
-    return F.interpolate(t, size=(px, px), mode="bilinear", align_corners=False, antialias=True)
+    out = t
+    if t.shape[-2:] != (px, px):
+        out = F.interpolate(t, size=(px, px), mode="bilinear", align_corners=False, antialias=True)
+    return torch.cat([out, local_extremes(t, px)], dim=1) if extremes else out
+
+
+def model_input(crops: np.ndarray | Tensor, cfg: ModelConfig) -> Tensor:
+    """(N, S, S) raw crops of one size -> the model's normalised (N, C, P, P) input."""
+    return normalize(resample(crops, cfg.input_px, cfg.extremes), cfg)
 
 
 def read_table(squares_dir: str | Path, labels_csv: str | Path) -> pd.DataFrame:
@@ -272,13 +291,15 @@ def load_squares_set(
     """
     from xcryonet.stages import load_crops
 
-    xs = torch.zeros((len(table), 1, cfg.input_px, cfg.input_px), dtype=torch.float16)
+    xs = torch.zeros(
+        (len(table), in_channels(cfg), cfg.input_px, cfg.input_px), dtype=torch.float16
+    )
     pos = np.arange(len(table))
     for grid_id, rows in table.groupby("grid_id", sort=True).groups.items():
         where = pos[table.index.get_indexer(rows)]
         ids = table.iloc[where]["square_id"].to_numpy(int)
         crops, _ = load_crops(Path(squares_dir), str(grid_id), ids)
-        xs[torch.as_tensor(where)] = normalize(resample(crops, cfg.input_px), cfg).half()
+        xs[torch.as_tensor(where)] = model_input(crops, cfg).half()
     y = table[[f"label_{s}" for s in SCORE_NAMES]].to_numpy(np.float32).copy()
     y[~np.asarray(label_rows, bool)] = np.nan
     keys = [f"{g}/{s}" for g, s in zip(table["grid_id"], table["square_id"], strict=True)]
@@ -327,7 +348,7 @@ def split_rows(
 
 
 def augment(x: Tensor, gen: torch.Generator, flips: bool = True, noise: float = 0.0) -> Tensor:
-    """Label-preserving augmentation of (B, 1, H, W) squares (H = W).
+    """Label-preserving augmentation of (B, C, H, W) squares (H = W).
 
     ``flips``: a random one of the 8 flips/90-degree rotations per square; ``noise``: s.d. of
     additive Gaussian pixel noise (normalised units).
@@ -576,7 +597,7 @@ def predict_tensor(
 def predict(model: XCryoNet, crops: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
     """Score raw crops (relative transmission, each (S, S), sizes may differ) -> (N, 5) in 0..4."""
     cfg = model.cfg
-    x = [normalize(resample(np.asarray(c)[None], cfg.input_px), cfg) for c in crops]
+    x = [model_input(np.asarray(c)[None], cfg) for c in crops]
     if not x:
         return np.zeros((0, 5), np.float32)
     return predict_tensor(model, torch.cat(x)).numpy()
