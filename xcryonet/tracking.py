@@ -27,13 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from xcryonet.config import MlflowConfig, Params, to_dict
 from xcryonet.errors import InputError
 from xcryonet.model import XCryoNet
-from xcryonet.train import local_extremes, view_mean_scores
+from xcryonet.train import resample_images, view_mean_scores
 
 MODEL_ARTIFACT = "model"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -145,12 +144,7 @@ class ScoringModel(nn.Module):
         self.extremes = bool(cfg.extremes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raw = x.float()
-        x = F.interpolate(
-            raw, size=(self.px, self.px), mode="bilinear", align_corners=False, antialias=True
-        )
-        if self.extremes:
-            x = torch.cat([x, local_extremes(raw, self.px)], dim=1)
+        x = resample_images(x.float(), self.px, self.extremes)
         # As xcryonet.train.predict_tensor: clipped after averaging over the views.
         return view_mean_scores(self.model, (x - self.mean) / self.std, self.tta).clamp(0, 4)
 

@@ -253,14 +253,18 @@ def local_extremes(t: Tensor, px: int) -> Tensor:
     return torch.cat([F.adaptive_max_pool2d(t, px), -F.adaptive_max_pool2d(-t, px)], dim=1)
 
 
-def resample(crops: np.ndarray | Tensor, px: int, extremes: bool = False) -> Tensor:
-    """(N, S, S) crops of one size -> (N, 1, px, px) float32, antialiased bilinear; with
-    ``extremes`` (N, 3, px, px), channels 1-2 the ``local_extremes``."""
-    t = torch.as_tensor(np.asarray(crops, dtype=np.float32)).unsqueeze(1)
-    out = t
-    if t.shape[-2:] != (px, px):
-        out = F.interpolate(t, size=(px, px), mode="bilinear", align_corners=False, antialias=True)
+def resample_images(t: Tensor, px: int, extremes: bool = False) -> Tensor:
+    """(N, 1, S, S) float32 -> (N, 1, px, px), antialiased bilinear (the identity at S = px);
+    with ``extremes`` (N, 3, px, px), channels 1-2 the ``local_extremes``. Tensor in, tensor
+    out, no branch on the size: the served model (``tracking.ScoringModel``) exports it."""
+    out = F.interpolate(t, size=(px, px), mode="bilinear", align_corners=False, antialias=True)
     return torch.cat([out, local_extremes(t, px)], dim=1) if extremes else out
+
+
+def resample(crops: np.ndarray | Tensor, px: int, extremes: bool = False) -> Tensor:
+    """(N, S, S) crops of one size -> ``resample_images`` of them, (N, C, px, px) float32."""
+    t = torch.as_tensor(np.asarray(crops, dtype=np.float32)).unsqueeze(1)
+    return resample_images(t, px, extremes)
 
 
 def model_input(crops: np.ndarray | Tensor, cfg: ModelConfig) -> Tensor:
