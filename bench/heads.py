@@ -33,6 +33,7 @@ from xcryonet.labels import SCORE_NAMES  # noqa: E402
 from xcryonet.model import ATTRIBUTE_BRANCHES, dihedral_views  # noqa: E402
 from xcryonet.train import (  # noqa: E402
     MODEL_FILE,
+    key_rows,
     load_checkpoint,
     load_model,
     load_squares_set,
@@ -80,16 +81,10 @@ def report(args: argparse.Namespace) -> int:
         raise InputError(args.experiment, "no finished runs under runs/")
     torch.set_num_threads(1)
     table = read_table(args.squares, args.labels)
-    pairs = zip(table["grid_id"], table["square_id"], strict=True)
-    row_of = {f"{g}/{q}": i for i, (g, q) in enumerate(pairs)}
     y_all = table[[f"label_{s}" for s in SCORE_NAMES]].to_numpy(float)
     print("run | head | " + " | ".join(SCORE_NAMES))
     for run in runs:
-        keys = load_checkpoint(run / MODEL_FILE)["run"]["test_keys"]
-        missing = [k for k in keys if k not in row_of]
-        if missing:
-            raise InputError(run, f"test square {missing[0]} is not in the squares or labels")
-        rows = np.array([row_of[k] for k in keys], np.int64)
+        rows = key_rows(table, load_checkpoint(run / MODEL_FILE)["run"]["test_keys"], run)
         model, cfg = load_model(run)
         data = load_squares_set(args.squares, table.iloc[rows], cfg, np.ones(len(rows), bool))
         y = y_all[rows]

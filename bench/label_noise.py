@@ -93,6 +93,7 @@ def evaluate_folder(
     from xcryonet.experiment import method_name, raw_crops
     from xcryonet.train import (
         MODEL_FILE,
+        key_rows,
         load_checkpoint,
         load_model,
         load_squares_set,
@@ -113,15 +114,11 @@ def evaluate_folder(
     x, _ = square_features(crops, masks)
     features = np.full((len(table), x.shape[1]), np.nan)
     features[scored] = x
-    row_of = {
-        f"{g}/{q}": i
-        for i, (g, q) in enumerate(zip(table["grid_id"], table["square_id"], strict=True))
-    }
     rows: list[dict[str, object]] = []
     for n, by_repeat in found.items():
         for r, run_dirs in sorted(by_repeat.items()):
-            run0 = load_checkpoint(run_dirs[0] / MODEL_FILE)["run"]
-            frac = float(run0["train"]["test_fraction"])
+            saved = {d: load_checkpoint(d / MODEL_FILE)["run"] for d in run_dirs}
+            frac = float(saved[run_dirs[0]]["train"]["test_fraction"])
             lab, _, test = split_rows(
                 table, supervision="fs", labeled=n, unlabeled=0, test_fraction=frac, seed=r
             )
@@ -131,28 +128,24 @@ def evaluate_folder(
             seen = np.zeros(len(table), bool)
             seen[lab] = seen[unl] = True
             unseen = np.flatnonzero(complete & ~seen)
+            both = np.union1d(test, unseen)  # every square scored (test is among the unseen)
             sets = {
                 "labels": (test, y[test]),
                 "truth": (test, t_all[test]),
                 "unseen": (unseen, t_all[unseen]),
             }
-            preds: dict[str, np.ndarray] = {}
-            gbm = FeaturesGBM(GBMConfig(round_scores=False))
-            gbm.fit_features(features[lab], y[lab])
-            preds["features_gbm"] = np.rint(gbm.predict_features(features))
+            gbm = FeaturesGBM(GBMConfig(round_scores=False)).fit_features(features[lab], y[lab])
+            preds = {"features_gbm": np.full((len(table), len(SCORE_NAMES)), np.nan)}
+            preds["features_gbm"][both] = np.rint(gbm.predict_features(features[both]))
             for d in run_dirs:
-                keys = load_checkpoint(d / MODEL_FILE)["run"]["test_keys"]
-                if [row_of.get(k, -1) for k in keys] != list(test):
+                if not np.array_equal(key_rows(table, saved[d]["test_keys"], d), test):
                     raise InputError(d, f"its test squares are not split {r}'s of {labels}")
                 model, cfg = load_model(d)
-                both = np.union1d(test, unseen)
                 data = load_squares_set(squares, table.iloc[both], cfg, np.ones(len(both), bool))
-                with torch.inference_mode():
-                    p = np.rint(predict_tensor(model, data.x).numpy())
-                full = np.full((len(table), len(SCORE_NAMES)), np.nan)
-                full[both] = p
                 v, s = d.name.split("-")[:2]
-                preds[method_name(v, s)] = full
+                preds[method_name(v, s)] = np.full_like(preds["features_gbm"], np.nan)
+                with torch.inference_mode():
+                    preds[method_name(v, s)][both] = np.rint(predict_tensor(model, data.x).numpy())
             preds["truth"] = t_all
             for name, (idx, ref) in sets.items():
                 for method, p in preds.items():

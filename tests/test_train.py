@@ -19,6 +19,7 @@ from xcryonet.train import (
     epoch_lr,
     evaluate,
     evaluate_dir,
+    key_rows,
     load_model,
     make_optimizers,
     masked_mse,
@@ -34,6 +35,7 @@ from xcryonet.train import (
     resample,
     run_phase,
     split_rows,
+    square_keys,
     train,
 )
 
@@ -284,6 +286,16 @@ def test_split_rows_is_seeded_and_disjoint(dataset):
         table, supervision="fs", labeled=None, unlabeled=4, test_fraction=0.25, seed=1
     )
     assert len(unl_fs) == 0
+
+
+def test_key_rows_finds_a_runs_squares_in_their_order(dataset):
+    squares, labels = dataset
+    table = read_table(squares, labels)
+    rows = np.array([5, 0, 3], np.int64)
+    keys = [square_keys(table)[i] for i in rows]
+    assert np.array_equal(key_rows(table, keys, "run"), rows)
+    with pytest.raises(InputError, match=r"run: square gridX/1 is not in the squares"):
+        key_rows(table, [*keys, "gridX/1"], "run")
 
 
 def test_augment_is_a_dihedral_transform():

@@ -173,19 +173,21 @@ def _run_metrics(
     again from its saved model on its own test squares instead of being trained again; the
     file is updated (atomically).
     """
-    from xcryonet.train import MODEL_FILE, evaluate, load_checkpoint, load_model, load_squares_set
+    from xcryonet.train import (
+        MODEL_FILE,
+        evaluate,
+        key_rows,
+        load_checkpoint,
+        load_model,
+        load_squares_set,
+    )
 
     path = run_dir / "metrics.json"
     metrics: dict[str, Any] = json.loads(path.read_text())
     if bool(metrics.get("tta", False)) == tta:
         return metrics
     keys = load_checkpoint(run_dir / MODEL_FILE)["run"]["test_keys"]
-    pairs = zip(table["grid_id"], table["square_id"], strict=True)
-    row_of = {f"{g}/{q}": i for i, (g, q) in enumerate(pairs)}
-    missing = [k for k in keys if k not in row_of]
-    if missing:
-        raise InputError(run_dir, f"test square {missing[0]} is not in the squares or labels")
-    rows = np.array([row_of[k] for k in keys], np.int64)
+    rows = key_rows(table, keys, run_dir)
     model, cfg = load_model(run_dir)
     data = load_squares_set(squares_dir, table.iloc[rows], cfg, np.ones(len(rows), bool))
     metrics["tta"] = tta

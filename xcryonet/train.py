@@ -306,8 +306,22 @@ def load_squares_set(
         xs[torch.as_tensor(where)] = model_input(crops, cfg).half()
     y = table[[f"label_{s}" for s in SCORE_NAMES]].to_numpy(np.float32).copy()
     y[~np.asarray(label_rows, bool)] = np.nan
-    keys = [f"{g}/{s}" for g, s in zip(table["grid_id"], table["square_id"], strict=True)]
-    return SquareSet(xs, torch.as_tensor(y), keys)
+    return SquareSet(xs, torch.as_tensor(y), square_keys(table))
+
+
+def square_keys(table: pd.DataFrame) -> list[str]:
+    """``grid_id/square_id`` of each row: how a run records its squares (``train_keys``...)."""
+    return [f"{g}/{s}" for g, s in zip(table["grid_id"], table["square_id"], strict=True)]
+
+
+def key_rows(table: pd.DataFrame, keys: Sequence[str], source: str | Path) -> np.ndarray:
+    """Row numbers of ``table`` for a run's recorded square ``keys`` (``square_keys``), in their
+    order; a key with no row is an ``InputError`` naming ``source`` (the run)."""
+    row_of = {k: i for i, k in enumerate(square_keys(table))}
+    missing = [k for k in keys if k not in row_of]
+    if missing:
+        raise InputError(source, f"square {missing[0]} is not in the squares or labels")
+    return np.array([row_of[k] for k in keys], np.int64)
 
 
 def split_rows(
