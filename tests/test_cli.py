@@ -78,6 +78,26 @@ def test_simulate_extract_outputs(demo):
         assert len(table) >= 0.9 * truth["complete"].sum()
 
 
+def test_scoring_extraction_leaves_out_only_the_auto_labels(demo):
+    """``score`` extracts without the auto-labels: the same squares, crops and masks, the same
+    table less its brightness and squareness columns, and those match squares.csv."""
+    from xcryonet.config import ExtractConfig
+    from xcryonet.stages import extract_atlas
+
+    atlas = demo / "data" / "raw" / "grid01"
+    full = extract_atlas(atlas, ExtractConfig())
+    bare = extract_atlas(atlas, ExtractConfig(), auto_labels=False)
+    assert list(bare.table.columns) == [
+        c for c in full.table.columns if c not in ("brightness", "squareness")
+    ]
+    pd.testing.assert_frame_equal(bare.table, full.table.drop(columns=["brightness", "squareness"]))
+    np.testing.assert_array_equal(bare.crops, full.crops)
+    np.testing.assert_array_equal(bare.masks, full.masks)
+    written = pd.read_csv(demo / "squares" / "grid01" / "squares.csv")
+    assert written["brightness"].tolist() == full.table["brightness"].tolist()
+    assert written["squareness"].tolist() == full.table["squareness"].tolist()
+
+
 def test_labels_join(demo):
     info = json.loads(
         run("labels", demo / "data" / "labels.csv", "--squares", demo / "squares").stdout
