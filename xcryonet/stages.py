@@ -89,8 +89,8 @@ def extract_atlas(
     """Read an atlas, find, crop and auto-label every square; nothing is written.
 
     ``auto_labels=False`` leaves out the brightness and squareness auto-labels (and their table
-    columns): scoring does not use them, and on a 290-square atlas they are about a fifth of
-    the scoring time (Canny edges and a bounding square per square).
+    columns): scoring does not use them, and on a 290-square atlas they are about a quarter of
+    scoring's CPU time (Canny edges and a bounding square per square).
     """
     from xcryonet.autolabel import auto_brightness, auto_squareness
     from xcryonet.extract import NoLatticeError, crop_square, find_squares
