@@ -42,10 +42,11 @@ SETS = ("labels", "truth", "unseen")
 
 
 def truth_scores(table: pd.DataFrame, truth: pd.DataFrame) -> np.ndarray:
-    """(N, 5) true scores (``SCORE_NAMES`` order) of the extracted squares of ``table``, each
-    from the nearest simulated square of its grid in stage coordinates; NaN where none lies
-    within ``JOIN_RADIUS_PITCH`` pitches (the same join as the operator's labels)."""
-    from scipy.spatial import cKDTree
+    """(N, 5) true scores (``SCORE_NAMES`` order) of the extracted squares of ``table``: each
+    square matched to a simulated square of its grid in stage coordinates by
+    ``extract.match_squares`` (one-to-one, nearest first) within ``JOIN_RADIUS_PITCH`` pitches
+    (the labels' join radius); NaN where none matches."""
+    from xcryonet.extract import match_squares
 
     out = np.full((len(table), len(SCORE_NAMES)), np.nan)
     truth = truth[truth["x_um"].notna() & truth["y_um"].notna()]
@@ -53,12 +54,15 @@ def truth_scores(table: pd.DataFrame, truth: pd.DataFrame) -> np.ndarray:
         tg = truth[truth["grid_id"].astype(str) == str(grid_id)]
         if tg.empty:
             continue
-        dist, nearest = cKDTree(tg[["x_um", "y_um"]].to_numpy(float)).query(
-            sub[["x_um", "y_um"]].to_numpy(float)
+        m = match_squares(
+            sub[["x_um", "y_um"]].to_numpy(float),
+            tg[["x_um", "y_um"]].to_numpy(float),
+            tg["complete"].to_numpy(bool),
+            JOIN_RADIUS_PITCH * float(sub["pitch_um"].median()),
         )
-        ok = dist <= JOIN_RADIUS_PITCH * sub["pitch_um"].to_numpy(float)
+        ok = m.truth_index >= 0
         rows = table.index.get_indexer(sub.index)
-        out[rows[ok]] = tg[list(SCORE_NAMES)].to_numpy(float)[nearest[ok]]
+        out[rows[ok]] = tg[list(SCORE_NAMES)].to_numpy(float)[m.truth_index[ok]]
     return out
 
 

@@ -146,12 +146,11 @@ def extract_atlas(
             "pitch_um": round(pitch_um, 3),
             "ncc": np.array([s.ncc for s in squares], float).round(4),
             "complete": [bool(s.complete) for s in squares],
-            "brightness": bright,
-            "squareness": square,
         }
     )
-    if not auto_labels:
-        table = table.drop(columns=["brightness", "squareness"])
+    if auto_labels:
+        table["brightness"] = bright
+        table["squareness"] = square
     summary = {
         "grid_id": grid_id,
         "atlas": str(atlas_path),
