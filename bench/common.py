@@ -60,6 +60,25 @@ def labelled_crops(
     return table, y, crops, masks
 
 
+def finished_runs(experiment: str | Path) -> list[Path]:
+    """The run folders under ``experiment/runs/`` that hold a saved model, sorted; an
+    ``InputError`` naming the folder when there is none."""
+    from xcryonet.errors import InputError
+    from xcryonet.train import MODEL_FILE
+
+    runs = sorted(p.parent for p in Path(experiment).glob(f"runs/*/{MODEL_FILE}"))
+    if not runs:
+        raise InputError(experiment, "no finished runs under runs/")
+    return runs
+
+
+def label_matrix(table: pd.DataFrame) -> np.ndarray:
+    """The labels (N, 5) of ``read_table``'s rows in ``SCORE_NAMES`` order (NaN = no label)."""
+    from xcryonet.labels import SCORE_NAMES
+
+    return table[[f"label_{s}" for s in SCORE_NAMES]].to_numpy(float)
+
+
 def read_truth(truth_dir: str | Path) -> pd.DataFrame | None:
     """The simulator's per-square truth of every grid in ``truth_dir`` (one CSV per grid;
     ``grids.csv``, a row per grid, is skipped), or None with a one-line message on stderr when

@@ -26,9 +26,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import add_data_args, report_or_one_line_error  # noqa: E402  (bench/ sibling)
+from common import (  # noqa: E402  (bench/ sibling)
+    add_data_args,
+    finished_runs,
+    label_matrix,
+    report_or_one_line_error,
+)
 
-from xcryonet.errors import InputError  # noqa: E402
 from xcryonet.labels import SCORE_NAMES  # noqa: E402
 from xcryonet.model import ATTRIBUTE_BRANCHES, dihedral_views  # noqa: E402
 from xcryonet.train import (  # noqa: E402
@@ -76,12 +80,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(args: argparse.Namespace) -> int:
     """Print the per-head MAE table of every finished run of ``args.experiment``."""
-    runs = sorted(p.parent for p in Path(args.experiment).glob(f"runs/*/{MODEL_FILE}"))
-    if not runs:
-        raise InputError(args.experiment, "no finished runs under runs/")
+    runs = finished_runs(args.experiment)
     torch.set_num_threads(1)
     table = read_table(args.squares, args.labels)
-    y_all = table[[f"label_{s}" for s in SCORE_NAMES]].to_numpy(float)
+    y_all = label_matrix(table)
     print("run | head | " + " | ".join(SCORE_NAMES))
     for run in runs:
         rows = key_rows(table, load_checkpoint(run / MODEL_FILE)["run"]["test_keys"], run)

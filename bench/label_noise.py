@@ -18,7 +18,9 @@ test sets:
   about 6 to 13 times as many squares as ``labels``.
 
 Then the paired claims of ``xcryonet.experiment.claims`` on each set, so a lead can be checked
-against the truth with the test squares' share of the noise taken out.
+against the truth with the test squares' share of the noise taken out. First, for cracking and
+contamination, every labelled square counted by operator label and true score (where the
+slips fall).
 """
 
 from __future__ import annotations
@@ -160,12 +162,33 @@ def evaluate_folder(
     return pd.DataFrame(rows)
 
 
+def label_truth_counts(squares: Path, labels: Path, truth: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per defect score, the labelled squares counted by operator label (rows) and true score
+    (columns): where the slips fall."""
+    from xcryonet.train import read_table
+
+    table = read_table(squares, labels)
+    true = truth_scores(table, truth)
+    out = {}
+    for score in ("cracking", "contamination"):
+        k = SCORE_NAMES.index(score)
+        ok = table[f"label_{score}"].notna().to_numpy() & np.isfinite(true[:, k])
+        out[score] = pd.crosstab(
+            table.loc[ok, f"label_{score}"].astype(int).rename("label"),
+            pd.Series(true[ok, k].astype(int), index=table.index[ok], name="truth"),
+        )
+    return out
+
+
 def report(args: argparse.Namespace) -> int:
     from xcryonet.experiment import claims
 
     truth = read_truth(args.truth)
     if truth is None:
         return 2
+    for score, counts in label_truth_counts(Path(args.squares), Path(args.labels), truth).items():
+        print(f"\n== {score}: labelled squares by operator label (rows) and truth (columns)")
+        print(counts.to_string())
     res = evaluate_folder(
         Path(args.folder),
         Path(args.squares),
