@@ -7,9 +7,9 @@ For every finished run under ``EXPERIMENT/runs/`` it predicts (with the model's 
 augmentation) its labelled training squares and its test squares, fits per score an isotonic
 (monotone, 0..4) map and a straight line from the training predictions to the training
 labels, and prints the test MAE of the rounded predictions raw and mapped, then the mean over
-the runs. A regression head trained with MSE on 100
-labels pulls rare high scores toward the mean (docs/experiment.md, "Where contamination at 100
-labels goes wrong"); if the ranking is right, a monotone map stretches it back.
+the runs. A regression head trained with MSE on 100 labels pulls rare high scores toward the
+mean (docs/experiment.md, "Where contamination at 100 labels goes wrong"); if the ranking is
+right, a monotone map stretches it back.
 
 Then, for cracking and contamination, the mean raw prediction of the squares with each label
 value: the CNN on its test and its training squares, and gradient boosting (fitted on the same
@@ -72,19 +72,17 @@ def report(args: argparse.Namespace) -> int:
     for run in runs:
         rec = load_checkpoint(run / MODEL_FILE)["run"]
         model, cfg = load_model(run)
-        preds = {}
-        for part, keys in (
-            ("train", rec["train_keys"][: int(rec["labeled"])]),
-            ("test", rec["test_keys"]),
-        ):
-            rows = key_rows(table, keys, run)
-            data = load_squares_set(args.squares, table.iloc[rows], cfg, np.ones(len(rows), bool))
-            preds[part] = (predict_tensor(model, data.x).numpy(), y_all[rows])
-        (p_tr, y_tr), (p_te, y_te) = preds["train"], preds["test"]
         lab = key_rows(table, rec["train_keys"][: int(rec["labeled"])], run)
-        gbm = FeaturesGBM(GBMConfig(round_scores=False)).fit_features(features[lab], y_all[lab])
-        test_rows = key_rows(table, rec["test_keys"], run)
-        p_gbm = gbm.predict_features(features[test_rows])
+        test = key_rows(table, rec["test_keys"], run)
+        p_tr, p_te = (
+            predict_tensor(
+                model, load_squares_set(args.squares, table.iloc[r], cfg, np.ones(len(r), bool)).x
+            ).numpy()
+            for r in (lab, test)
+        )
+        y_tr, y_te = y_all[lab], y_all[test]
+        gbm = FeaturesGBM(GBMConfig(round_scores=False)).fit_features(features[lab], y_tr)
+        p_gbm = gbm.predict_features(features[test])
         by_label.append(
             means_by_label(
                 {"CNN test": (p_te, y_te), "CNN train": (p_tr, y_tr), "GBM test": (p_gbm, y_te)}
@@ -132,8 +130,6 @@ def means_by_label(preds: dict[str, tuple[np.ndarray, np.ndarray]]) -> pd.DataFr
             rows[(score, what)] = {
                 v: p[y[:, k] == v, k].mean() if (y[:, k] == v).any() else np.nan for v in range(5)
             }
-    for score in ("cracking", "contamination"):
-        k = SCORE_NAMES.index(score)
         y_test = preds["CNN test"][1][:, k]
         rows[(score, "n")] = {v: float((y_test == v).sum()) for v in range(5)}
     return pd.DataFrame.from_dict(rows, orient="index")

@@ -35,8 +35,8 @@ from common import (  # noqa: E402  (bench/ sibling)
     report_or_one_line_error,
 )
 
+from xcryonet.baselines import mae  # noqa: E402
 from xcryonet.config import ModelConfig, TrainConfig  # noqa: E402
-from xcryonet.labels import SCORE_NAMES  # noqa: E402
 from xcryonet.train import (  # noqa: E402
     MODEL_FILE,
     key_rows,
@@ -45,6 +45,7 @@ from xcryonet.train import (  # noqa: E402
     load_squares_set,
     predict_tensor,
     read_table,
+    saved_model_cfg,
     train,
 )
 
@@ -64,8 +65,16 @@ def main(argv: list[str] | None = None) -> int:
 def _job(args: tuple[Any, ...]) -> None:
     squares, labels, out_dir, cfg, model_cfg, variant, supervision, rows = args
     torch.set_num_threads(1)
-    train(squares, labels, out_dir, cfg, model_cfg=model_cfg, variant=variant,
-          supervision=supervision, rows=rows)  # fmt: skip
+    train(
+        squares,
+        labels,
+        out_dir,
+        cfg,
+        model_cfg=model_cfg,
+        variant=variant,
+        supervision=supervision,
+        rows=rows,
+    )
 
 
 def report(args: argparse.Namespace) -> int:
@@ -82,15 +91,15 @@ def report(args: argparse.Namespace) -> int:
         rows = (train_rows[:n_lab], train_rows[n_lab:], key_rows(table, rec["test_keys"], run))
         epochs = len(json.loads((run / "metrics.json").read_text())["curve"])
         base = TrainConfig(**{**rec["train"], "epochs": epochs, "progress": False, "threads": 1})
-        model_cfg = ModelConfig(**saved["model_cfg"])
+        model_cfg = ModelConfig(**saved_model_cfg(saved["model_cfg"]))
         dirs = [run]
         for s in args.seeds:
             out = Path(args.out) / f"{run.name}-s{s}"
             dirs.append(out)
             if not (out / MODEL_FILE).exists():
                 cfg = replace(base, seed=base.seed + 1000 * s)
-                jobs.append((args.squares, args.labels, out, cfg, model_cfg, saved["variant"],
-                             rec["supervision"], rows))  # fmt: skip
+                job = (args.squares, args.labels, out, cfg, model_cfg, saved["variant"])
+                jobs.append((*job, rec["supervision"], rows))
         plan[run.name] = (dirs, rows[2])
     if jobs:
         print(f"training {len(jobs)} runs, {args.workers} at a time", flush=True)
@@ -100,11 +109,11 @@ def report(args: argparse.Namespace) -> int:
     per_split = []
     print("run | " + " | ".join(f"{s}: each seed / mean of seeds" for s in SHOWN))
     for name, (dirs, test) in plan.items():
-        preds = []
-        for d in dirs:
-            model, cfg = load_model(d)
-            data = load_squares_set(args.squares, table.iloc[test], cfg, np.ones(len(test), bool))
-            preds.append(predict_tensor(model, data.x).numpy())
+        # The seeds share the run's input settings: read and resample the test squares once.
+        models = [load_model(d) for d in dirs]
+        cfg = models[0][1]
+        data = load_squares_set(args.squares, table.iloc[test], cfg, np.ones(len(test), bool))
+        preds = [predict_tensor(model, data.x).numpy() for model, _ in models]
         y = y_all[test]
         err = [_mae(p, y) for p in preds] + [_mae(np.mean(preds, axis=0), y)]
         per_split.append(err)
@@ -126,12 +135,8 @@ def report(args: argparse.Namespace) -> int:
 
 def _mae(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Rounded MAE (len(SHOWN),) over the labelled entries."""
-    out = []
-    for s in SHOWN:
-        k = SCORE_NAMES.index(s)
-        ok = np.isfinite(y[:, k])
-        out.append(float(np.abs(np.rint(pred[ok, k]) - y[ok, k]).mean()))
-    return np.array(out)
+    err = mae(y, np.rint(pred))
+    return np.array([err[s] for s in SHOWN])
 
 
 if __name__ == "__main__":
