@@ -19,10 +19,18 @@ TINY = {"width": 4, "hidden": 8, "input_px": 32}
 
 
 @pytest.mark.parametrize("variant", sorted(MODELS))
-@pytest.mark.parametrize(("px", "extremes"), [(32, False), (36, False), (32, True)])
-def test_forward_backward_shapes_no_nan(variant, px, extremes):
+@pytest.mark.parametrize(
+    ("px", "extremes", "head"),
+    [
+        (32, False, "regression"),
+        (36, False, "regression"),
+        (32, True, "regression"),
+        (32, False, "ordinal"),
+    ],
+)
+def test_forward_backward_shapes_no_nan(variant, px, extremes, head):
     torch.manual_seed(0)
-    model = build_model(variant, **{**TINY, "input_px": px, "extremes": extremes})
+    model = build_model(variant, **{**TINY, "input_px": px, "extremes": extremes, "head": head})
     c = 3 if extremes else 1
     x = torch.randn(3, c, px, px)
     out = model(x)
@@ -34,6 +42,10 @@ def test_forward_backward_shapes_no_nan(variant, px, extremes):
         for a in ("cracking", "contamination"):
             assert out[f"score_{a}"].shape == (3,)
             assert out[f"recon_{a}"].shape == out[f"input_{a}"].shape == (3, c, px, px)
+    assert ("logits" in out) == (head == "ordinal")
+    if head == "ordinal":
+        assert out["logits"].shape == (3, 5, 4)
+        torch.testing.assert_close(out["scores"], torch.sigmoid(out["logits"]).sum(-1))
     loss = sum(v.float().square().mean() for v in out.values())
     loss.backward()
     for name, p in model.named_parameters():
@@ -139,7 +151,7 @@ def test_fusion_pools_each_branch_as_the_concatenation():
     with torch.no_grad():
         out = model(x, reconstruct=())
         feats = [out[f"features_{b}"] for b in ("primary", "cracking", "contamination")]
-        old = model.fusion.classifier(torch.cat(feats, dim=1), model.primary(x)["stats"])
+        old = model.fusion.classifier(torch.cat(feats, dim=1), model.primary(x)["stats"])[0]
     torch.testing.assert_close(out["scores"], old, atol=1e-6, rtol=0)
 
 
@@ -163,11 +175,31 @@ def test_build_model_rejects_bad_input():
         ModelConfig(width=0)
 
 
-def test_initial_scores_start_mid_scale():
-    model = build_model("xcryonet", **TINY)
+@pytest.mark.parametrize("head", ["regression", "ordinal"])
+def test_initial_scores_start_mid_scale(head):
+    model = build_model("xcryonet", **TINY, head=head)
     with torch.no_grad():
         scores = model(torch.zeros(2, 1, 32, 32), reconstruct=())["scores"]
     assert ((scores > 0) & (scores < 4)).all()
+
+
+@pytest.mark.parametrize("variant", sorted(MODELS))
+def test_ordinal_head_replaces_only_the_answer(variant):
+    """model.head=ordinal changes the classifier that gives the answer (xcryonet's fusion, the
+    primary variant's primary head); every other head stays the paper's regression, with the
+    same parameters and state-dict keys as a regression model's."""
+    regression = build_model(variant, **TINY)
+    ordinal = build_model(variant, **TINY, head="ordinal")
+    reg, ordi = regression.state_dict(), ordinal.state_dict()
+    assert reg.keys() == ordi.keys()
+    answer = "fusion.classifier." if variant == "xcryonet" else "primary.classifier."
+    for key, value in reg.items():
+        if key.startswith(answer) and key.split(".")[-2] == "2":  # the last Linear of a head
+            assert ordi[key].shape[0] == 4 * value.shape[0], key
+        else:
+            assert ordi[key].shape == value.shape, key
+    with pytest.raises(InputError, match="head must be regression or ordinal"):
+        ModelConfig(head="softmax")
 
 
 def test_input_stats_carry_the_absolute_intensity_level():

@@ -1,6 +1,7 @@
 """Training: phases as data, masked supervised losses, data selection, kill-and-resume."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from xcryonet.train import (
     load_model,
     make_optimizers,
     masked_mse,
+    masked_ordinal,
     model_input,
     normalize,
     phase_batches,
@@ -234,13 +236,29 @@ def test_masked_mse_ignores_nan():
     assert float(masked_mse(pred, torch.full_like(pred, float("nan")))) == 0.0
 
 
+def test_masked_ordinal_is_threshold_cross_entropy_and_ignores_nan():
+    logits = torch.tensor([[[2.0, 0.0, -1.0, -3.0]], [[5.0, 5.0, 5.0, 5.0]]])
+    target = torch.tensor([[2.0], [float("nan")]])
+    above = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits[0, 0], above, reduction="sum"
+    )
+    torch.testing.assert_close(masked_ordinal(logits, target), expected)
+    assert float(masked_ordinal(logits, torch.full_like(target, float("nan")))) == 0.0
+    # Confident and right costs less than confident and wrong.
+    right = masked_ordinal(torch.tensor([[9.0, 9.0, -9.0, -9.0]]), torch.tensor([2.0]))
+    wrong = masked_ordinal(torch.tensor([[9.0, 9.0, 9.0, -9.0]]), torch.tensor([2.0]))
+    assert float(right) < 0.01 < float(wrong)
+
+
 SUPERVISED = ("primary_supervised", "attribute_supervised", "fusion_supervised")
 
 
+@pytest.mark.parametrize("head", ["regression", "ordinal"])
 @pytest.mark.parametrize("loss_name", SUPERVISED)
-def test_unlabelled_squares_contribute_no_supervised_loss(loss_name):
+def test_unlabelled_squares_contribute_no_supervised_loss(loss_name, head):
     torch.manual_seed(0)
-    model = build_model("xcryonet", TINY_MODEL)
+    model = build_model("xcryonet", replace(TINY_MODEL, head=head))
     x, y = batch(n=6, labelled=3)
     x.requires_grad_(True)
     phase = PhaseConfig("probe", (), (loss_name,))
@@ -486,11 +504,13 @@ def test_kill_and_resume_gives_identical_results(dataset, tmp_path, monkeypatch)
     _assert_same_run(tmp_path / "straight", tmp_path / "killed")
 
 
-@pytest.mark.parametrize("extremes", [False, True])
-def test_trained_model_loads_predicts_and_evaluates(dataset, tmp_path, extremes):
+@pytest.mark.parametrize(
+    ("extremes", "head"), [(False, "regression"), (True, "regression"), (False, "ordinal")]
+)
+def test_trained_model_loads_predicts_and_evaluates(dataset, tmp_path, extremes, head):
     squares, labels = dataset
     cfg = TrainConfig(**{**TINY_TRAIN.__dict__, "epochs": 1})
-    model_cfg = ModelConfig(**{**TINY_MODEL.__dict__, "extremes": extremes})
+    model_cfg = ModelConfig(**{**TINY_MODEL.__dict__, "extremes": extremes, "head": head})
     metrics = train(
         squares,
         labels,

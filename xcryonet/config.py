@@ -136,6 +136,11 @@ class ModelConfig:
             900 labels, 4 splits: cracking MAE 0.296 -> 0.245, contamination 0.181 -> 0.159
             (docs/experiment.md, "Follow-up 6"). Models saved before this field existed load
             with false.
+        head: the classifier that gives the answer (xcryonet's fusion, the primary variant's
+            primary head): ``regression`` (each score one output, MSE; the paper) or
+            ``ordinal`` (each score four logits of P(score > k), k = 0..3, binary
+            cross-entropy; the score is the sum of their probabilities). The other heads stay
+            regressions.
     """
 
     width: int = 8
@@ -151,8 +156,11 @@ class ModelConfig:
     fusion_mix: bool = False
     tta: bool = True
     extremes: bool = False
+    head: str = "regression"
 
     def __post_init__(self) -> None:
+        if self.head not in ("regression", "ordinal"):
+            raise InputError("model", f"head must be regression or ordinal, got {self.head!r}")
         for name in ("width", "hidden", "stem_stride", "input_px"):
             if getattr(self, name) < 1:
                 raise InputError("model", f"{name} must be >= 1, got {getattr(self, name)}")

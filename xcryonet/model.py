@@ -153,11 +153,22 @@ def input_stats(x: Tensor) -> Tensor:
     )
 
 
+N_THRESHOLDS = 4  # an ordinal head's "score > k" logits, k = 0..3
+
+
+def ordinal_scores(logits: Tensor) -> Tensor:
+    """(..., N_THRESHOLDS) logits of P(score > k) -> (...) expected score on 0..4: the sum of
+    the probabilities."""
+    return torch.sigmoid(logits.float()).sum(-1)
+
+
 class Classifier(nn.Module):
     """Pooling, two FC layers regressing the attributes, two FC layers regressing overall.
 
     Overall is computed *from the predicted attributes* (paper: "enforce the dependency of the
-    overall score on the fine-grained attributes"). Returns (B, n_attributes [+1 if overall]).
+    overall score on the fine-grained attributes"). ``forward`` returns (scores (B, n_attributes
+    [+1 if overall]), logits): with ``ordinal`` every score comes from ``N_THRESHOLDS`` logits of
+    P(score > k) (``ordinal_scores``), returned as (B, n, N_THRESHOLDS); otherwise logits is None.
     ``n_stats`` extra inputs (``input_stats``) join the pooled features when given.
     """
 
@@ -170,26 +181,38 @@ class Classifier(nn.Module):
         n_stats: int = 0,
         overall_grad: bool = True,
         overall_features: bool = False,
+        ordinal: bool = False,
     ):
         super().__init__()
         self.overall_grad = overall_grad
         self.overall_features = overall_features
+        self.ordinal = ordinal
+        k = N_THRESHOLDS if ordinal else 1
         n_overall_in = n_attributes + (2 * c_in + n_stats if overall_features else 0)
         # Average and max pooling: average sees global brightness, max sees small defects.
         self.attributes = nn.Sequential(
-            nn.Linear(2 * c_in + n_stats, hidden), nn.ReLU(), nn.Linear(hidden, n_attributes)
+            nn.Linear(2 * c_in + n_stats, hidden), nn.ReLU(), nn.Linear(hidden, n_attributes * k)
         )
         self.overall = (
-            nn.Sequential(nn.Linear(n_overall_in, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+            nn.Sequential(nn.Linear(n_overall_in, hidden), nn.ReLU(), nn.Linear(hidden, k))
             if overall
             else None
         )
-        # Start predictions at the middle of the 0..4 scale instead of 0.
+        # Start predictions at the middle of the 0..4 scale instead of 0 (ordinal: every
+        # threshold at even odds, 4 x 0.5 = 2).
         for head in (self.attributes, self.overall):
             if head is not None:
-                nn.init.constant_(head[-1].bias, 2.0)  # type: ignore[arg-type]
+                nn.init.constant_(head[-1].bias, 0.0 if ordinal else 2.0)  # type: ignore[arg-type]
 
-    def forward(self, feats: Tensor | Sequence[Tensor], stats: Tensor | None = None) -> Tensor:
+    def _scores(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
+        if not self.ordinal:
+            return out, None
+        logits = out.reshape(len(out), -1, N_THRESHOLDS)
+        return ordinal_scores(logits).to(out.dtype), logits
+
+    def forward(
+        self, feats: Tensor | Sequence[Tensor], stats: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """``feats``: (B, C, h, w) feature maps, or several (B, C_i, h_i, w_i) on rasters of
         their own. Pooled to the means of their ReLU, then the maxes (each in ``feats`` order;
         for maps of one raster the same vector as pooling their concatenation), plus ``stats``.
@@ -199,15 +222,19 @@ class Classifier(nn.Module):
         if stats is not None:
             parts.append(stats.to(parts[0].dtype))
         pooled = torch.cat(parts, dim=1)
-        attrs = self.attributes(pooled)
+        attrs, attr_logits = self._scores(self.attributes(pooled))
         if self.overall is None:
-            return attrs
+            return attrs, attr_logits
         # overall_grad=False: the overall loss no longer bends the attribute outputs into
         # features for overall (measured: it wipes out contamination; docs/experiment.md).
         head_in = attrs if self.overall_grad else attrs.detach()
         if self.overall_features:
             head_in = torch.cat([head_in, pooled], dim=1)
-        return torch.cat([attrs, self.overall(head_in)], dim=1)
+        overall, overall_logits = self._scores(self.overall(head_in))
+        scores = torch.cat([attrs, overall], dim=1)
+        if attr_logits is None or overall_logits is None:
+            return scores, None
+        return scores, torch.cat([attr_logits, overall_logits], dim=1)
 
 
 class Decoder(nn.Module):
@@ -258,21 +285,38 @@ class Branch(nn.Module):
     one attribute from its attention-weighted input and reconstructs that input.
     """
 
-    def __init__(self, cfg: ModelConfig, n_attributes: int, overall: bool, stem_stride: int):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        n_attributes: int,
+        overall: bool,
+        stem_stride: int,
+        answer: bool = False,
+    ):
         super().__init__()
         self.features = FeatureNet(cfg, stem_stride)
         c = self.features.out_channels
         self.use_stats = cfg.input_stats
         n_stats = N_INPUT_STATS if cfg.input_stats else 0
         self.classifier = Classifier(
-            c, n_attributes, cfg.hidden, overall, n_stats, cfg.overall_grad, cfg.overall_features
+            c,
+            n_attributes,
+            cfg.hidden,
+            overall,
+            n_stats,
+            cfg.overall_grad,
+            cfg.overall_features,
+            answer and cfg.head == "ordinal",
         )
         self.decoder = Decoder(cfg, c)
 
     def forward(self, x: Tensor, reconstruct: bool = True) -> dict[str, Tensor]:
         feat = self.features(x)
         stats = input_stats(x[:, :1]) if self.use_stats else None
-        out = {"features": feat, "scores": self.classifier(feat, stats)}
+        scores, logits = self.classifier(feat, stats)
+        out = {"features": feat, "scores": scores}
+        if logits is not None:
+            out["logits"] = logits
         if stats is not None:
             out["stats"] = stats
         if reconstruct:
@@ -299,10 +343,20 @@ class Fusion(nn.Module):
             c_cls = c_in
         n_stats = N_INPUT_STATS if cfg.input_stats else 0
         self.classifier = Classifier(
-            c_cls, N_ATTRIBUTES, cfg.hidden, True, n_stats, cfg.overall_grad, cfg.overall_features
+            c_cls,
+            N_ATTRIBUTES,
+            cfg.hidden,
+            True,
+            n_stats,
+            cfg.overall_grad,
+            cfg.overall_features,
+            cfg.head == "ordinal",
         )
 
-    def forward(self, feats: list[Tensor], stats: Tensor | None = None) -> Tensor:
+    def forward(
+        self, feats: list[Tensor], stats: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """(scores (B, 5), ordinal logits (B, 5, N_THRESHOLDS) or None)."""
         if isinstance(self.mix, nn.Identity):
             # Each branch pooled on its own raster (the attribute branches may be finer).
             return self.classifier(feats, stats)
@@ -319,14 +373,20 @@ class XCryoNet(nn.Module):
         ``scores_primary`` (B, 5); ``attention`` (B, 2, H, W) in (0, 1);
         ``features_primary`` (B, C, h, w); ``recon_primary`` (B, 1, H, W);
         xcryonet only, per attribute a in (cracking, contamination): ``input_<a>`` (B, 1, H, W)
-        the attention-weighted input, ``score_<a>`` (B,), ``features_<a>``, ``recon_<a>``.
+        the attention-weighted input, ``score_<a>`` (B,), ``features_<a>``, ``recon_<a>``;
+        with ``cfg.head == "ordinal"``, ``logits`` (B, 5, N_THRESHOLDS) of the answer (and
+        ``logits_primary`` for the primary variant, whose answer is the primary head).
     """
 
     def __init__(self, cfg: ModelConfig, attention: bool, variant: str):
         super().__init__()
         self.cfg = cfg
         self.variant = variant
-        self.primary = Branch(cfg, N_ATTRIBUTES, overall=True, stem_stride=cfg.stem_stride)
+        # cfg.head shapes the classifier that gives the answer only: the primary
+        # head of the primary variant, the fusion of xcryonet.
+        self.primary = Branch(
+            cfg, N_ATTRIBUTES, overall=True, stem_stride=cfg.stem_stride, answer=not attention
+        )
         self.attention = Attention()
         self.branches = nn.ModuleDict()
         self.fusion: Fusion | None = None
@@ -344,11 +404,15 @@ class XCryoNet(nn.Module):
         want = set(reconstruct) if reconstruct is not None else {"primary", *self.branches}
         p = self.primary(x, reconstruct="primary" in want)
         out = {"scores_primary": p["scores"], "features_primary": p["features"]}
+        if "logits" in p:
+            out["logits_primary"] = p["logits"]
         if "recon" in p:
             out["recon_primary"] = p["recon"]
         out["attention"] = self.attention(p["features"], size)
         if self.fusion is None:
             out["scores"] = p["scores"]
+            if "logits" in p:
+                out["logits"] = p["logits"]
             return out
         feats = [p["features"]]
         for k, name in enumerate(self.branches):
@@ -360,7 +424,9 @@ class XCryoNet(nn.Module):
             if "recon" in b:
                 out[f"recon_{name}"] = b["recon"]
             feats.append(b["features"])
-        out["scores"] = self.fusion(feats, p.get("stats"))
+        out["scores"], logits = self.fusion(feats, p.get("stats"))
+        if logits is not None:
+            out["logits"] = logits
         return out
 
 
@@ -405,7 +471,9 @@ def xcryonet(cfg: ModelConfig) -> XCryoNet:
     return XCryoNet(cfg, attention=True, variant="xcryonet")
 
 
-def build_model(name: str, cfg: ModelConfig | None = None, **overrides: int | float) -> XCryoNet:
+def build_model(
+    name: str, cfg: ModelConfig | None = None, **overrides: int | float | str
+) -> XCryoNet:
     """Build a registered variant; ``overrides`` replace fields of ``cfg`` (default config)."""
     if name not in MODELS:
         raise InputError("variant", f"unknown model {name!r} (choose from {', '.join(MODELS)})")

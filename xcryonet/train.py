@@ -37,6 +37,7 @@ from xcryonet.labels import SCORE_NAMES, join_labels, read_labels
 from xcryonet.model import (
     ATTRIBUTE_BRANCHES,
     MODELS,
+    N_THRESHOLDS,
     ModelConfig,
     XCryoNet,
     build_model,
@@ -97,8 +98,24 @@ def masked_mse(pred: Tensor, target: Tensor) -> Tensor:
     return (diff**2).sum() / mask.sum().clamp(min=1)
 
 
-def _supervised(scores: Tensor, y: Tensor) -> Tensor:
-    # Eq. 2: MSE over the four attributes plus MSE over overall.
+def masked_ordinal(logits: Tensor, target: Tensor) -> Tensor:
+    """Ordinal loss of logits (..., N_THRESHOLDS) of P(score > k) against scores (...): binary
+    cross-entropy of each threshold, summed over them, averaged over the targets that are not
+    NaN (0 when none is)."""
+    mask = ~torch.isnan(target)
+    above = torch.nan_to_num(target)[..., None] > torch.arange(N_THRESHOLDS, device=target.device)
+    bce = F.binary_cross_entropy_with_logits(logits.float(), above.float(), reduction="none")
+    per_score = bce.sum(-1)
+    return torch.where(mask, per_score, torch.zeros_like(per_score)).sum() / mask.sum().clamp(min=1)
+
+
+def _supervised(out: dict[str, Tensor], head: str, y: Tensor) -> Tensor:
+    """Eq. 2 for ``head`` ("" = the model's answer, "_primary"): MSE over the four attributes
+    plus MSE over overall, or their ordinal losses when the head is ordinal (``model.head``)."""
+    logits = out.get(f"logits{head}")
+    if logits is not None:
+        return masked_ordinal(logits[:, :4], y[:, :4]) + masked_ordinal(logits[:, 4], y[:, 4])
+    scores = out[f"scores{head}"]
     return masked_mse(scores[:, :4], y[:, :4]) + masked_mse(scores[:, 4], y[:, 4])
 
 
@@ -122,14 +139,14 @@ def _attribute_reconstruction(out: dict[str, Tensor], x: Tensor, y: Tensor) -> T
 
 # name -> (loss(out, x, y), decoders it needs)
 LOSSES: dict[str, tuple[Callable[[dict[str, Tensor], Tensor, Tensor], Tensor], tuple[str, ...]]] = {
-    "primary_supervised": (lambda out, x, y: _supervised(out["scores_primary"], y), ()),
+    "primary_supervised": (lambda out, x, y: _supervised(out, "_primary", y), ()),
     "primary_reconstruction": (
         lambda out, x, y: F.mse_loss(out["recon_primary"].float(), x.float()),
         ("primary",),
     ),
     "attribute_supervised": (_attribute_supervised, ()),
     "attribute_reconstruction": (_attribute_reconstruction, tuple(ATTRIBUTE_BRANCHES)),
-    "fusion_supervised": (lambda out, x, y: _supervised(out["scores"], y), ()),
+    "fusion_supervised": (lambda out, x, y: _supervised(out, "", y), ()),
 }
 
 _PRIMARY = ("primary.features", "primary.classifier", "primary.decoder")
