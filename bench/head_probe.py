@@ -37,9 +37,10 @@ from common import (  # noqa: E402  (bench/ sibling)
     report_or_one_line_error,
 )
 
-from xcryonet.baselines import FeaturesGBM, square_features  # noqa: E402
+from xcryonet.baselines import FeaturesGBM, mae, square_features  # noqa: E402
 from xcryonet.experiment import raw_crops  # noqa: E402
 from xcryonet.labels import SCORE_NAMES  # noqa: E402
+from xcryonet.model import N_THRESHOLDS, ordinal_scores  # noqa: E402
 from xcryonet.train import masked_mse, masked_ordinal, read_table, split_rows  # noqa: E402
 
 SCORES = ("cracking", "contamination", "overall")
@@ -67,7 +68,7 @@ def fit_mlp(
     t = torch.tensor((x_test - mu) / sd, dtype=torch.float32)
     y = torch.tensor(y_train, dtype=torch.float32)
     torch.manual_seed(seed)
-    k = 4 if ordinal else 1
+    k = N_THRESHOLDS if ordinal else 1
     net = torch.nn.Sequential(
         torch.nn.Linear(a.shape[1], hidden),
         torch.nn.ReLU(),
@@ -85,9 +86,7 @@ def fit_mlp(
     net.eval()
     with torch.no_grad():
         out = net(t)
-    if ordinal:
-        out = torch.sigmoid(out.view(len(t), -1, k)).sum(-1)
-    return out.numpy()
+    return (ordinal_scores(out.view(len(t), -1, k)) if ordinal else out).numpy()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +107,6 @@ def report(args: argparse.Namespace) -> int:
     feats, _ = square_features(crops, masks)
     x = np.zeros((len(table), feats.shape[1]))
     x[rows] = feats
-    cols = [SCORE_NAMES.index(s) for s in SCORES]
     print(f"{'labels':>6} {'learner':<26} " + " ".join(f"{s:>13}" for s in SCORES))
     for n in args.labeled:
         err: dict[str, list[np.ndarray]] = {"boosting": [], **{h: [] for h in HEADS}}
@@ -117,15 +115,15 @@ def report(args: argparse.Namespace) -> int:
                 table, supervision="fs", labeled=n, unlabeled=0, test_fraction=0.15, seed=r
             )
 
-            def mae(pred: np.ndarray, test: np.ndarray = test) -> np.ndarray:
-                rounded = np.rint(np.clip(pred, 0, 4))
-                return np.nanmean(np.abs(rounded - y[test]), axis=0)[cols]
+            def rounded_mae(pred: np.ndarray, test: np.ndarray = test) -> np.ndarray:
+                err = mae(y[test], np.rint(np.clip(pred, 0, 4)))
+                return np.array([err[s] for s in SCORES])
 
             gbm = FeaturesGBM().fit_features(x[lab], y[lab])
-            err["boosting"].append(mae(gbm.predict_features(x[test])))
+            err["boosting"].append(rounded_mae(gbm.predict_features(x[test])))
             for name, head in HEADS.items():
                 preds = [fit_mlp(x[lab], y[lab], x[test], s, **head) for s in range(args.seeds)]
-                err[name].append(np.mean([mae(p) for p in preds], axis=0))
+                err[name].append(np.mean([rounded_mae(p) for p in preds], axis=0))
         for name, e in err.items():
             cells = " ".join(f"{v:13.3f}" for v in np.mean(e, axis=0))
             print(f"{n:>6} {name:<26} {cells}", flush=True)
