@@ -26,6 +26,7 @@ TINY = {"width": 4, "hidden": 8, "input_px": 32}
         (36, False, "regression"),
         (32, True, "regression"),
         (32, False, "ordinal"),
+        (36, True, "coral"),
     ],
 )
 def test_forward_backward_shapes_no_nan(variant, px, extremes, head):
@@ -42,8 +43,8 @@ def test_forward_backward_shapes_no_nan(variant, px, extremes, head):
         for a in ("cracking", "contamination"):
             assert out[f"score_{a}"].shape == (3,)
             assert out[f"recon_{a}"].shape == out[f"input_{a}"].shape == (3, c, px, px)
-    assert ("logits" in out) == (head == "ordinal")
-    if head == "ordinal":
+    assert ("logits" in out) == (head != "regression")
+    if head != "regression":
         assert out["logits"].shape == (3, 5, 4)
         torch.testing.assert_close(out["scores"], torch.sigmoid(out["logits"]).sum(-1))
     loss = sum(v.float().square().mean() for v in out.values())
@@ -175,7 +176,7 @@ def test_build_model_rejects_bad_input():
         ModelConfig(width=0)
 
 
-@pytest.mark.parametrize("head", ["regression", "ordinal"])
+@pytest.mark.parametrize("head", ["regression", "ordinal", "coral"])
 def test_initial_scores_start_mid_scale(head):
     model = build_model("xcryonet", **TINY, head=head)
     with torch.no_grad():
@@ -198,8 +199,32 @@ def test_ordinal_head_replaces_only_the_answer(variant):
             assert ordi[key].shape[0] == 4 * value.shape[0], key
         else:
             assert ordi[key].shape == value.shape, key
-    with pytest.raises(InputError, match="head must be regression or ordinal"):
+    with pytest.raises(InputError, match="head must be regression, ordinal or coral"):
         ModelConfig(head="softmax")
+
+
+@pytest.mark.parametrize("variant", sorted(MODELS))
+def test_coral_head_shares_one_output_across_the_thresholds(variant):
+    """model.head=coral: the answer's last Linear keeps the regression shape and four
+    thresholds per score are added to its output, so the thresholds' logits differ by
+    constants; every other parameter is a regression model's."""
+    torch.manual_seed(0)
+    regression = build_model(variant, **TINY)
+    coral = build_model(variant, **TINY, head="coral")
+    reg, cor = regression.state_dict(), coral.state_dict()
+    answer = "fusion.classifier." if variant == "xcryonet" else "primary.classifier."
+    assert set(cor) - set(reg) == {answer + "thresholds"}
+    assert all(cor[k].shape == v.shape for k, v in reg.items())
+    thresholds = cor[answer + "thresholds"]
+    assert thresholds.shape == (5, 4)
+    out = coral(torch.randn(6, 1, 32, 32), reconstruct=())
+    logits = out["logits"]
+    assert logits.shape == (6, 5, 4)
+    steps = logits - logits[..., :1]  # the same for every square: only the thresholds differ
+    torch.testing.assert_close(steps, (thresholds - thresholds[:, :1]).expand_as(steps))
+    torch.testing.assert_close(out["scores"], torch.sigmoid(logits).sum(-1))
+    logits.sum().backward()
+    assert coral.get_parameter(answer + "thresholds").grad is not None
 
 
 def test_input_stats_carry_the_absolute_intensity_level():

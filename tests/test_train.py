@@ -254,7 +254,7 @@ def test_masked_ordinal_is_threshold_cross_entropy_and_ignores_nan():
 SUPERVISED = ("primary_supervised", "attribute_supervised", "fusion_supervised")
 
 
-@pytest.mark.parametrize("head", ["regression", "ordinal"])
+@pytest.mark.parametrize("head", ["regression", "ordinal", "coral"])
 @pytest.mark.parametrize("loss_name", SUPERVISED)
 def test_unlabelled_squares_contribute_no_supervised_loss(loss_name, head):
     torch.manual_seed(0)
@@ -505,7 +505,8 @@ def test_kill_and_resume_gives_identical_results(dataset, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize(
-    ("extremes", "head"), [(False, "regression"), (True, "regression"), (False, "ordinal")]
+    ("extremes", "head"),
+    [(False, "regression"), (True, "regression"), (False, "ordinal"), (False, "coral")],
 )
 def test_trained_model_loads_predicts_and_evaluates(dataset, tmp_path, extremes, head):
     squares, labels = dataset

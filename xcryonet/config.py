@@ -139,8 +139,11 @@ class ModelConfig:
         head: the classifier that gives the answer (xcryonet's fusion, the primary variant's
             primary head): ``regression`` (each score one output, MSE; the paper) or
             ``ordinal`` (each score four logits of P(score > k), k = 0..3, binary
-            cross-entropy; the score is the sum of their probabilities). The other heads stay
-            regressions.
+            cross-entropy; the score is the sum of their probabilities) or ``coral`` (the same
+            loss and score, but each score's four logits are one output plus four learned
+            thresholds, so every threshold moves along the same direction; Cao et al., "Rank
+            consistent ordinal regression", 2020; docs/experiment.md, "Follow-up 12"). The
+            other heads stay regressions.
     """
 
     width: int = 8
@@ -159,8 +162,10 @@ class ModelConfig:
     head: str = "regression"
 
     def __post_init__(self) -> None:
-        if self.head not in ("regression", "ordinal"):
-            raise InputError("model", f"head must be regression or ordinal, got {self.head!r}")
+        if self.head not in ("regression", "ordinal", "coral"):
+            raise InputError(
+                "model", f"head must be regression, ordinal or coral, got {self.head!r}"
+            )
         for name in ("width", "hidden", "stem_stride", "input_px"):
             if getattr(self, name) < 1:
                 raise InputError("model", f"{name} must be >= 1, got {getattr(self, name)}")

@@ -154,6 +154,7 @@ def input_stats(x: Tensor) -> Tensor:
 
 
 N_THRESHOLDS = 4  # an ordinal head's "score > k" logits, k = 0..3
+ORDINAL_HEADS = ("ordinal", "coral")  # the heads trained on those logits
 
 
 def ordinal_scores(logits: Tensor) -> Tensor:
@@ -167,8 +168,11 @@ class Classifier(nn.Module):
 
     Overall is computed *from the predicted attributes* (paper: "enforce the dependency of the
     overall score on the fine-grained attributes"). ``forward`` returns (scores (B, n_attributes
-    [+1 if overall]), logits): with ``ordinal`` every score comes from ``N_THRESHOLDS`` logits of
-    P(score > k) (``ordinal_scores``), returned as (B, n, N_THRESHOLDS); otherwise logits is None.
+    [+1 if overall]), logits): with an ordinal ``head`` (``ordinal``, ``coral``) every score comes
+    from ``N_THRESHOLDS`` logits of P(score > k) (``ordinal_scores``), returned as
+    (B, n, N_THRESHOLDS); with ``regression`` logits is None. ``coral`` makes each score's logits
+    one output plus ``thresholds`` (n, N_THRESHOLDS) of its own: every threshold moves along the
+    same learned direction, so a rare high score shares what the common low ones teach.
     ``n_stats`` extra inputs (``input_stats``) join the pooled features when given.
     """
 
@@ -181,13 +185,16 @@ class Classifier(nn.Module):
         n_stats: int = 0,
         overall_grad: bool = True,
         overall_features: bool = False,
-        ordinal: bool = False,
+        head: str = "regression",
     ):
         super().__init__()
+        ordinal = head in ORDINAL_HEADS
+        # coral: one output per score plus its own four thresholds (a shared slope).
+        shared = head == "coral"
         self.overall_grad = overall_grad
         self.overall_features = overall_features
         self.ordinal = ordinal
-        k = N_THRESHOLDS if ordinal else 1
+        k = N_THRESHOLDS if ordinal and not shared else 1
         n_overall_in = n_attributes + (2 * c_in + n_stats if overall_features else 0)
         # Average and max pooling: average sees global brightness, max sees small defects.
         self.attributes = nn.Sequential(
@@ -200,13 +207,25 @@ class Classifier(nn.Module):
         )
         # Start predictions at the middle of the 0..4 scale instead of 0 (ordinal: every
         # threshold at even odds, 4 x 0.5 = 2).
-        for head in (self.attributes, self.overall):
-            if head is not None:
-                nn.init.constant_(head[-1].bias, 0.0 if ordinal else 2.0)  # type: ignore[arg-type]
+        for mlp in (self.attributes, self.overall):
+            if mlp is not None:
+                nn.init.constant_(mlp[-1].bias, 0.0 if ordinal else 2.0)  # type: ignore[arg-type]
+        self.thresholds: nn.Parameter | None = None
+        if shared:
+            # Evenly spaced around 0: the probabilities sum to 2 at a zero output, mid-scale.
+            start = torch.linspace(1.5, -1.5, N_THRESHOLDS)
+            self.thresholds = nn.Parameter(start.repeat(n_attributes + int(overall), 1))
 
-    def _scores(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _scores(self, out: Tensor, first: int) -> tuple[Tensor, Tensor | None]:
+        """Scores (and logits) of the head output ``out`` for this classifier's scores
+        ``first``, ``first + 1``, .. (the attributes from 0, overall after them)."""
         if not self.ordinal:
             return out, None
+        if self.thresholds is not None:
+            # (B, n) -> (B, n, N_THRESHOLDS): each score's one output plus its own thresholds.
+            t = self.thresholds[first : first + out.shape[1]]
+            logits = out[:, :, None] + t[None].to(out.dtype)
+            return ordinal_scores(logits).to(out.dtype), logits
         logits = out.reshape(len(out), -1, N_THRESHOLDS)
         return ordinal_scores(logits).to(out.dtype), logits
 
@@ -222,7 +241,7 @@ class Classifier(nn.Module):
         if stats is not None:
             parts.append(stats.to(parts[0].dtype))
         pooled = torch.cat(parts, dim=1)
-        attrs, attr_logits = self._scores(self.attributes(pooled))
+        attrs, attr_logits = self._scores(self.attributes(pooled), 0)
         if self.overall is None:
             return attrs, attr_logits
         # overall_grad=False: the overall loss no longer bends the attribute outputs into
@@ -230,7 +249,7 @@ class Classifier(nn.Module):
         head_in = attrs if self.overall_grad else attrs.detach()
         if self.overall_features:
             head_in = torch.cat([head_in, pooled], dim=1)
-        overall, overall_logits = self._scores(self.overall(head_in))
+        overall, overall_logits = self._scores(self.overall(head_in), attrs.shape[1])
         scores = torch.cat([attrs, overall], dim=1)
         if attr_logits is None or overall_logits is None:
             return scores, None
@@ -306,7 +325,7 @@ class Branch(nn.Module):
             n_stats,
             cfg.overall_grad,
             cfg.overall_features,
-            answer and cfg.head == "ordinal",
+            cfg.head if answer else "regression",
         )
         self.decoder = Decoder(cfg, c)
 
@@ -350,7 +369,7 @@ class Fusion(nn.Module):
             n_stats,
             cfg.overall_grad,
             cfg.overall_features,
-            cfg.head == "ordinal",
+            cfg.head,
         )
 
     def forward(
@@ -374,7 +393,7 @@ class XCryoNet(nn.Module):
         ``features_primary`` (B, C, h, w); ``recon_primary`` (B, 1, H, W);
         xcryonet only, per attribute a in (cracking, contamination): ``input_<a>`` (B, 1, H, W)
         the attention-weighted input, ``score_<a>`` (B,), ``features_<a>``, ``recon_<a>``;
-        with ``cfg.head == "ordinal"``, ``logits`` (B, 5, N_THRESHOLDS) of the answer (and
+        with an ordinal ``cfg.head``, ``logits`` (B, 5, N_THRESHOLDS) of the answer (and
         ``logits_primary`` for the primary variant, whose answer is the primary head).
     """
 
