@@ -137,7 +137,7 @@ class ModelConfig:
             (docs/experiment.md, "Follow-up 6"). Models saved before this field existed load
             with false.
         head: the classifier that gives the answer (xcryonet's fusion, the primary variant's
-            primary head): ``regression`` (each score one output, MSE; the paper) or
+            primary head): ``regression`` (each score one output, MSE; the paper),
             ``ordinal`` (each score four logits of P(score > k), k = 0..3, binary
             cross-entropy; the score is the sum of their probabilities) or ``coral`` (the same
             loss and score, but each score's four logits are one output plus four learned
