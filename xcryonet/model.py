@@ -221,12 +221,12 @@ class Classifier(nn.Module):
         ``first``, ``first + 1``, .. (the attributes from 0, overall after them)."""
         if not self.ordinal:
             return out, None
-        if self.thresholds is not None:
+        if self.thresholds is None:
+            logits = out.reshape(len(out), -1, N_THRESHOLDS)
+        else:
             # (B, n) -> (B, n, N_THRESHOLDS): each score's one output plus its own thresholds.
             t = self.thresholds[first : first + out.shape[1]]
             logits = out[:, :, None] + t[None].to(out.dtype)
-            return ordinal_scores(logits).to(out.dtype), logits
-        logits = out.reshape(len(out), -1, N_THRESHOLDS)
         return ordinal_scores(logits).to(out.dtype), logits
 
     def forward(
