@@ -11,14 +11,14 @@ predictions, mean ± s.d. over the repeats. The statistics:
 - ``extractor``: holes of the extractor's open-area mask at native resolution, as a share of
   the filled mask (``scipy.ndimage.binary_fill_holes``), as the boosted features see them;
 - ``model``: the same share on the model's own input (``model.input_px``, normalised), with
-  the input statistics' open-area threshold (``xcryonet.model.OPEN_FRACTION`` of the way from
-  the 5th to the 90th percentile), so the CNN's input holds this number.
+  the input statistics' open-area threshold and black squares at 0: the number
+  ``model.hole_stat`` hands the classifiers (``xcryonet.model.hole_share``).
 
 If one number does about as well as gradient boosting on 77 features, the contamination label
 is that number binned, and a model without it has to learn "is this dark patch enclosed by
 film?" from the labels, which two ResBlocks' receptive field cannot see. (Handing the CNN's
-classifiers this number as one more input statistic did not close the gap: docs/experiment.md,
-"Follow-up 4".)
+classifiers this number as one more input statistic did not close the gap with the regression
+head, docs/experiment.md "Follow-up 4"; with the coral head it does, "Follow-up 13".)
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from common import add_data_args, labelled_crops, report_or_one_line_error  # no
 from xcryonet.config import ModelConfig, load_params  # noqa: E402
 from xcryonet.errors import InputError  # noqa: E402
 from xcryonet.labels import SCORE_NAMES  # noqa: E402
-from xcryonet.model import OPEN_FRACTION  # noqa: E402
+from xcryonet.model import HOLE_MIN_CONTRAST, hole_share  # noqa: E402
 from xcryonet.train import load_squares_set, split_rows  # noqa: E402
 
 CONTAMINATION = SCORE_NAMES.index("contamination")
@@ -59,13 +59,12 @@ def mask_hole_share(masks: list[np.ndarray]) -> np.ndarray:
 
 
 def model_hole_share(squares: str, table: pd.DataFrame, cfg: ModelConfig) -> np.ndarray:
-    """(N,) share of the filled open area that is holes on the model's input, per table row;
-    the open area is thresholded as ``xcryonet.model.input_stats`` does."""
+    """(N,) share of the filled open area that is holes on the model's input, per table row:
+    ``xcryonet.model.hole_share``, the statistic ``model.hole_stat`` hands the classifiers
+    (black squares 0), as the share itself."""
     data = load_squares_set(squares, table, cfg, np.ones(len(table), bool))
-    x = data.x[:, 0].float().numpy()
-    q05, q90 = np.quantile(x.reshape(len(x), -1), [0.05, 0.9], axis=1)
-    is_open = x > (q05 + OPEN_FRACTION * (q90 - q05))[:, None, None]
-    return mask_hole_share(list(is_open))
+    stat = hole_share(data.x, HOLE_MIN_CONTRAST / cfg.norm_std)[:, 0].numpy()
+    return (stat / 4) ** 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -293,6 +293,123 @@ def test_classifiers_take_the_statistics_only_when_configured():
     assert fused == without.fusion.classifier.attributes[0].in_features + 7
 
 
+def test_hole_share_is_the_opening_that_enclosed_dark_blobs_cover():
+    from scipy import ndimage as ndi
+
+    from xcryonet.model import hole_share
+
+    # An opening at 0.8 in bars at 0.05; one dark blob inside the film (a hole: 16 px) and one
+    # joined to the bar (not a hole, however large).
+    x = torch.full((2, 1, 40, 40), 0.05)
+    x[..., 4:36, 4:36] = 0.8
+    x[0, 0, 10:14, 10:14] = 0.1
+    x[1, 0, 4:20, 20:30] = 0.1
+    share = hole_share(x)[:, 0].numpy()
+    np.testing.assert_allclose(share, [4 * np.sqrt(16 / 32**2), 0.0], atol=1e-6)
+    # Random openings with random specks: the same as scipy's fill of the open mask's holes.
+    rng = np.random.default_rng(0)
+    img = np.full((12, 1, 48, 48), 0.05, np.float32)
+    img[..., 6:42, 6:42] = 0.8
+    for k in range(12):
+        for _ in range(rng.integers(0, 12)):
+            r, c, s = rng.integers(0, 44), rng.integers(0, 44), rng.integers(1, 6)
+            img[k, 0, r : r + s, c : c + s] = 0.1
+    got = hole_share(torch.from_numpy(img))[:, 0].numpy()
+    for k in range(12):
+        flat = np.sort(img[k, 0].ravel())
+        n = flat.size - 1
+        lo, hi = flat[round(0.05 * n)], flat[round(0.9 * n)]
+        is_open = img[k, 0] > lo + 0.3 * (hi - lo)
+        filled = ndi.binary_fill_holes(is_open)
+        want = 4 * np.sqrt((filled & ~is_open).sum() / filled.sum())
+        assert abs(got[k] - want) < 1e-5, k
+    assert (got > 0).sum() >= 3  # the random specks do make holes
+    # A black square (bars and opening within noise of each other): the threshold would cut the
+    # noise into holes; below the least contrast the share is 0, above it untouched.
+    black = 0.02 + 0.01 * torch.rand((1, 1, 48, 48), generator=torch.Generator().manual_seed(1))
+    black[..., 6:42, 6:42] += 0.01
+    assert hole_share(black)[0, 0] > 0.2  # spurious holes in the noise
+    assert hole_share(black, min_contrast=0.1)[0, 0] == 0
+    np.testing.assert_allclose(hole_share(torch.from_numpy(img), min_contrast=0.1)[:, 0], got)
+
+
+def test_the_traced_flood_fill_finds_the_same_pixels():
+    """fill_dark_runs: the row/column sweeps (GPU, and the exported MLflow model) against
+    scipy's labelling (the CPU path), and an exported hole_share against the eager one."""
+    from xcryonet.model import TRACED_FILL_ROUNDS, fill_dark_runs, hole_share
+
+    gen = torch.Generator().manual_seed(3)
+    dark = torch.rand((6, 1, 40, 40), generator=gen) < 0.55  # percolating, winding paths
+    seed = torch.zeros_like(dark)
+    seed[..., 0, :] = True
+    want = fill_dark_runs(seed, dark)
+    assert torch.equal(fill_dark_runs(seed, dark, rounds=400), want)
+    assert 0 < want.sum() < dark.sum()
+    assert not torch.equal(fill_dark_runs(seed, dark, rounds=1), want)  # rounds matter
+
+    class Share(torch.nn.Module):
+        def forward(self, x):
+            return hole_share(x, 0.1)
+
+    img = torch.full((4, 1, 48, 48), 0.05)
+    img[..., 6:42, 6:42] = 0.8
+    img[0, 0, 10:14, 10:30] = 0.1  # a hole
+    img[1, 0, 6:20, 20:24] = 0.1  # joined to the bar by one straight leg
+    img[2, 0, 6:20, 10:12] = 0.1  # and by a path with turns
+    img[2, 0, 18:20, 10:30] = 0.1
+    img[2, 0, 18:34, 28:30] = 0.1
+    img[3] = 0.02  # black
+    exported = torch.export.export(Share(), (img,)).module()
+    torch.testing.assert_close(exported(img), hole_share(img, 0.1))
+    assert TRACED_FILL_ROUNDS >= 2
+
+
+@pytest.mark.parametrize("head", ["regression", "ordinal", "coral"])
+def test_hole_skip_adds_the_share_to_the_answers_contamination_only(head):
+    from xcryonet.model import hole_share
+
+    torch.manual_seed(0)
+    model = build_model("xcryonet", **TINY, head=head, hole_stat=True, hole_skip=True).eval()
+    x = torch.full((2, 1, 32, 32), -1.5)
+    x[..., 4:28, 4:28] = 1.0
+    x[0, 0, 10:16, 10:16] = -1.5  # a hole in square 0 only
+    cls = model.fusion.classifier
+    seen: dict[str, torch.Tensor] = {}
+    cls.attributes.register_forward_hook(lambda m, i, o: seen.update(out=o.detach()))
+    out = model(x, reconstruct=())
+    share = hole_share(x, 0.1 / 0.3)[:, 0]
+    assert share[0] > 0 and share[1] == 0
+    # The gain starts at 1: the answer equals the head's outputs plus the share on every
+    # output of contamination (index 3), and nothing else moves.
+    raw = seen["out"].view(2, 4, -1)
+    bumped = raw.clone()
+    bumped[:, 3] += share[:, None]
+    want, _ = cls._scores(bumped.flatten(1), 0)
+    torch.testing.assert_close(out["scores"][:, :4], want)
+    out["scores"][:, 3].sum().backward()
+    assert cls.skip_gain is not None and cls.skip_gain.grad is not None
+    # Only the answer has the path; without hole_stat the setting is refused.
+    assert model.primary.classifier.skip_gain is None
+    assert model.branches["contamination"].classifier.skip_gain is None
+    with pytest.raises(InputError, match="hole_skip needs hole_stat"):
+        ModelConfig(hole_skip=True)
+
+
+def test_hole_stat_is_one_more_statistic_for_every_classifier():
+    plain = build_model("xcryonet", **TINY)
+    holes = build_model("xcryonet", **TINY, hole_stat=True)
+    for part in ("primary", "fusion", "branches.contamination"):
+        a = plain.get_submodule(part).classifier.attributes[0].in_features
+        assert holes.get_submodule(part).classifier.attributes[0].in_features == a + 1
+    out = holes(torch.randn(3, 1, 32, 32))
+    assert out["scores"].shape == (3, 5) and torch.isfinite(out["scores"]).all()
+    # Without the statistics the setting changes nothing.
+    off = build_model("xcryonet", **TINY, input_stats=False, hole_stat=True)
+    bare = build_model("xcryonet", **TINY, input_stats=False)
+    fused = off.fusion.classifier.attributes[0].in_features
+    assert fused == bare.fusion.classifier.attributes[0].in_features
+
+
 @pytest.mark.parametrize("overall_grad", [True, False])
 def test_overall_loss_reaches_the_attribute_head_only_when_configured(overall_grad):
     torch.manual_seed(0)

@@ -505,13 +505,19 @@ def test_kill_and_resume_gives_identical_results(dataset, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize(
-    ("extremes", "head"),
-    [(False, "regression"), (True, "regression"), (False, "ordinal"), (False, "coral")],
+    ("extremes", "head", "hole_stat"),
+    [
+        (False, "regression", False),
+        (True, "regression", False),
+        (False, "ordinal", False),
+        (False, "coral", True),
+    ],
 )
-def test_trained_model_loads_predicts_and_evaluates(dataset, tmp_path, extremes, head):
+def test_trained_model_loads_predicts_and_evaluates(dataset, tmp_path, extremes, head, hole_stat):
     squares, labels = dataset
     cfg = TrainConfig(**{**TINY_TRAIN.__dict__, "epochs": 1})
-    model_cfg = ModelConfig(**{**TINY_MODEL.__dict__, "extremes": extremes, "head": head})
+    holes = {"hole_stat": hole_stat, "hole_skip": hole_stat}
+    model_cfg = ModelConfig(**{**TINY_MODEL.__dict__, "extremes": extremes, "head": head, **holes})
     metrics = train(
         squares,
         labels,

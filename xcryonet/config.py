@@ -144,6 +144,12 @@ class ModelConfig:
             thresholds, so every threshold moves along the same direction; Cao et al., "Rank
             consistent ordinal regression", 2020; docs/experiment.md, "Follow-up 12"). The
             other heads stay regressions.
+        hole_stat: with ``input_stats``, the classifiers also get the share of the opening
+            that dark holes in the film cover (``xcryonet.model.hole_share``): contamination
+            lying on the film. Models saved before this field existed load with false.
+        hole_skip: with ``hole_stat``, the answer's contamination output also gets that share
+            directly, times a learnt positive gain (a monotone path the rest of the head
+            corrects; docs/experiment.md, "Follow-up 13").
     """
 
     width: int = 8
@@ -160,8 +166,12 @@ class ModelConfig:
     tta: bool = True
     extremes: bool = False
     head: str = "regression"
+    hole_stat: bool = False
+    hole_skip: bool = False
 
     def __post_init__(self) -> None:
+        if self.hole_skip and not (self.hole_stat and self.input_stats):
+            raise InputError("model", "hole_skip needs hole_stat and input_stats")
         if self.head not in ("regression", "ordinal", "coral"):
             raise InputError(
                 "model", f"head must be regression, ordinal or coral, got {self.head!r}"
