@@ -111,8 +111,9 @@ class FeatureNet(nn.Module):
 
 N_INPUT_STATS = 7
 N_HOLE_STATS = 1  # ``hole_share``'s column with ``ModelConfig.hole_stat``
-# Below this contrast (relative transmission) between a square's bars and its opening the
-# square is black and ``hole_share`` gives 0 (the demo's black squares: 0.02-0.04).
+# Below this contrast (relative transmission) between a crop's 5th and 90th percentiles it
+# shows no opening to measure and ``hole_share`` gives 0: on the demo, black squares and
+# partial squares at the edge of the imaged field (0.015-0.096; the next is 0.104).
 HOLE_MIN_CONTRAST = 0.1
 # The open-area threshold, as the extractor draws it: bar level + OPEN_FRACTION x (open - bar),
 # with the 5th percentile as the bar level and the 90th as the open level.
@@ -171,8 +172,9 @@ def input_stats(x: Tensor) -> Tensor:
 
 
 # Rounds of ``fill_dark_runs`` in a traced or exported model, which cannot stop when the fill
-# does; eagerly it runs until nothing changes (at most 4 rounds on the demo's 3499 labelled
-# squares at 64 px).
+# does; eagerly it runs until nothing changes. On the demo's 3499 labelled squares at 64 px
+# the 3425 with an opening (``HOLE_MIN_CONTRAST``) need at most 3 rounds; the noise of the
+# black ones up to 8 (their ``hole_share`` is 0 either way).
 TRACED_FILL_ROUNDS = 8
 
 
@@ -240,8 +242,9 @@ def hole_share(x: Tensor, min_contrast: float = 0.0) -> Tensor:
     lying on it. share = holes / (open + holes). The flood fill is ``fill_dark_runs``'s.
 
     A square whose 90th percentile is less than ``min_contrast`` (in the input's units) above
-    its 5th has no opening to speak of (an occluded or black square): the threshold would fall
-    in the noise and find holes everywhere, so its share is 0.
+    its 5th shows no opening to measure (a black square, or a partial one at the edge of the
+    imaged field): the threshold would fall in the noise and find holes everywhere, so its
+    share is 0.
     """
     step = -(-x.shape[-1] // 64)
     img = x[:, :1, ::step, ::step].float()
@@ -319,8 +322,9 @@ class Classifier(nn.Module):
         for mlp in (self.attributes, self.overall):
             if mlp is not None:
                 nn.init.constant_(mlp[-1].bias, 0.0 if ordinal else 2.0)  # type: ignore[arg-type]
-        # stat_skip: the last statistic also enters attribute ``stat_skip``'s output(s)
-        # directly, times a learnt positive gain (softplus, starting at 1).
+        # stat_skip: the last statistic (``hole_share``, appended after ``input_stats``) also
+        # enters attribute ``stat_skip``'s output(s) directly, times a learnt positive gain
+        # (softplus, starting at 1).
         self.stat_skip = stat_skip
         self.skip_gain: nn.Parameter | None = None
         if stat_skip is not None:
