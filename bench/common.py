@@ -79,6 +79,41 @@ def label_matrix(table: pd.DataFrame) -> np.ndarray:
     return table[[f"label_{s}" for s in SCORE_NAMES]].to_numpy(float)
 
 
+def monotone_fit_maes(
+    stat: np.ndarray,
+    y: np.ndarray,
+    table: pd.DataFrame,
+    labeled: int,
+    repeats: int,
+    test_fraction: float,
+    labels: str | Path,
+) -> list[float]:
+    """Rounded test MAE per repeat of a monotone (isotonic) map from one statistic (N,) to one
+    score (N,) (NaN = no label), fitted on the labelled training squares of the experiment's
+    splits (``train.split_rows``, seeds 0..repeats-1)."""
+    from sklearn.isotonic import IsotonicRegression
+
+    from xcryonet.train import split_rows
+
+    maes = []
+    for r in range(repeats):
+        lab, _, test = split_rows(
+            table,
+            supervision="fs",
+            labeled=labeled,
+            unlabeled=0,
+            test_fraction=test_fraction,
+            seed=r,
+            path=labels,
+        )
+        ok = ~np.isnan(y[lab])
+        fit = IsotonicRegression(out_of_bounds="clip").fit(stat[lab][ok], y[lab][ok])
+        t_ok = ~np.isnan(y[test])
+        pred = np.rint(fit.predict(stat[test][t_ok]))
+        maes.append(float(np.abs(pred - y[test][t_ok]).mean()))
+    return maes
+
+
 def read_truth(truth_dir: str | Path) -> pd.DataFrame | None:
     """The simulator's per-square truth of every grid in ``truth_dir`` (one CSV per grid;
     ``grids.csv``, a row per grid, is skipped), or None with a one-line message on stderr when

@@ -31,18 +31,22 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import ndimage as ndi
-from sklearn.isotonic import IsotonicRegression
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import add_data_args, labelled_crops, report_or_one_line_error  # noqa: E402  (bench/ sibling)
+from common import (  # noqa: E402  (bench/ sibling)
+    add_data_args,
+    labelled_crops,
+    monotone_fit_maes,
+    report_or_one_line_error,
+)  # noqa: E402  (bench/ sibling)
 
 from xcryonet.config import ModelConfig, load_params  # noqa: E402
 from xcryonet.errors import InputError  # noqa: E402
 from xcryonet.labels import SCORE_NAMES  # noqa: E402
 from xcryonet.model import HOLE_MIN_CONTRAST, hole_share  # noqa: E402
-from xcryonet.train import load_squares_set, split_rows  # noqa: E402
+from xcryonet.train import load_squares_set  # noqa: E402
 
 CONTAMINATION = SCORE_NAMES.index("contamination")
 
@@ -91,23 +95,15 @@ def report(args: argparse.Namespace) -> int:
     print("statistic | labelled | contamination MAE (rounded), mean ± s.d. | per repeat")
     for name, s in stats.items():
         for n in args.labeled:
-            maes = []
-            for r in range(args.repeats):
-                lab, _, test = split_rows(
-                    table,
-                    supervision="fs",
-                    labeled=n,
-                    unlabeled=0,
-                    test_fraction=params.train.test_fraction,
-                    seed=r,
-                    path=args.labels,
-                )
-                ok = ~np.isnan(y[lab, CONTAMINATION])
-                fit = IsotonicRegression(out_of_bounds="clip")
-                fit.fit(s[lab][ok], y[lab, CONTAMINATION][ok])
-                t_ok = ~np.isnan(y[test, CONTAMINATION])
-                pred = np.rint(fit.predict(s[test][t_ok]))
-                maes.append(float(np.abs(pred - y[test, CONTAMINATION][t_ok]).mean()))
+            maes = monotone_fit_maes(
+                s,
+                y[:, CONTAMINATION],
+                table,
+                n,
+                args.repeats,
+                params.train.test_fraction,
+                args.labels,
+            )
             per = " ".join(f"{m:.3f}" for m in maes)
             print(f"{name} | {n} | {np.mean(maes):.3f} ± {np.std(maes, ddof=1):.3f} | {per}")
     return 0

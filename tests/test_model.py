@@ -410,6 +410,138 @@ def test_hole_stat_is_one_more_statistic_for_every_classifier():
     assert fused == bare.fusion.classifier.attributes[0].in_features
 
 
+def _crack_share_numpy(img: np.ndarray, mean: float, std: float) -> float:
+    """crack_share of one (H, W) normalised input with scipy's labelling: the reference."""
+    from scipy import ndimage as ndi
+
+    from xcryonet.model import CRACK_HEADROOM
+
+    flat = np.sort(img.ravel())
+    n = flat.size - 1
+    lo, hi = flat[round(0.05 * n)], flat[round(0.9 * n)]
+    labels, _ = ndi.label(img > lo + 0.3 * (hi - lo))
+    h, w = img.shape
+    window = labels[(7 * h) // 16 : -(-9 * h // 16), (7 * w) // 16 : -(-9 * w // 16)]
+    opening = np.isin(labels, window[window > 0])
+    values = np.sort(img[opening])
+    median = values[(values.size - 1) // 2]
+    full = (1 - mean) / std
+    return 4 * float(np.sqrt(np.mean(values > median + CRACK_HEADROOM * (full - median))))
+
+
+def test_crack_share_reads_the_squares_own_opening():
+    from xcryonet.model import crack_share
+
+    mean, std = 0.5, 0.3
+
+    def norm(t):
+        return (t - mean) / std
+
+    # Film at 0.6 in bars at 0.05 (the headroom to full transmission is 0.4, so a pixel above
+    # 0.72 is bright). Square 0: a crack at 0.95, 2 x 20 px; square 1: a faint streak at 0.7
+    # and, beyond its bar at the crop's edge, a sliver of a broken neighbour (vacuum, 1.0).
+    x = torch.full((2, 1, 40, 40), 0.05)
+    x[..., 4:36, 4:36] = 0.6
+    x[0, 0, 10:12, 8:28] = 0.95
+    x[1, 0, 10:12, 8:28] = 0.7
+    x[1, 0, :, 38:] = 1.0
+    got = crack_share(norm(x), mean, std)[:, 0].numpy()
+    np.testing.assert_allclose(got, [4 * np.sqrt(40 / 32**2), 0.0], atol=1e-5)
+    assert crack_share(norm(x), mean, std, own=False)[1, 0] > 0  # over the whole crop it counts
+    # On thick ice (film at 0.2) a crack at 0.5 lets through more than 0.3 of the headroom.
+    thick = torch.full((1, 1, 40, 40), 0.02)
+    thick[..., 4:36, 4:36] = 0.2
+    thick[0, 0, 10:12, 8:28] = 0.5
+    np.testing.assert_allclose(crack_share(norm(thick), mean, std)[0, 0], got[0], atol=1e-5)
+    # Random squares (film level, noise, bright streaks): the same as scipy's labelling.
+    rng = np.random.default_rng(0)
+    img = np.full((10, 1, 48, 48), 0.05, np.float32)
+    img[..., 6:42, 6:42] = rng.uniform(0.3, 0.8, (10, 1, 1, 1))
+    img += rng.normal(0, 0.02, img.shape).astype(np.float32)
+    for k in range(10):
+        for _ in range(rng.integers(0, 8)):
+            r, c, s = rng.integers(0, 46), rng.integers(0, 44), rng.integers(1, 8)
+            img[k, 0, r : r + 2, c : c + s] = rng.uniform(0.6, 1.0)
+    x = norm(torch.from_numpy(img))
+    got = crack_share(x, mean, std)[:, 0].numpy()
+    want = [_crack_share_numpy(x[k, 0].numpy(), mean, std) for k in range(10)]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert (got > 0).sum() >= 3
+    # A black square (with a few hot pixels) gets 0 below the least contrast.
+    black = 0.02 + 0.1 * torch.rand((1, 1, 48, 48), generator=torch.Generator().manual_seed(1))
+    black[..., 23:25, 22:26] = 0.6
+    assert crack_share(norm(black), mean, std)[0, 0] > 0
+    assert crack_share(norm(black), mean, std, min_contrast=0.1 / std)[0, 0] == 0
+
+
+def test_exported_crack_share_matches_the_eager_one():
+    """The traced opening (row/column sweeps) equals scipy's labelling on cracked squares."""
+    from xcryonet.model import crack_share
+
+    class Share(torch.nn.Module):
+        def forward(self, x):
+            return crack_share(x, 0.5, 0.3, 0.1 / 0.3)
+
+    img = torch.full((3, 3, 48, 48), 0.05)
+    img[..., 6:42, 6:42] = 0.5
+    img[0, :2, 10:12, 6:40] = 0.95  # a crack across the opening
+    img[1, :2, 6:30, 20:22] = 0.95
+    img[1, :2, 28:30, 20:40] = 0.95
+    img[1, :, 20:24, 30:34] = 0.1  # a speck in the film
+    img[1, :, :, 45:] = 1.0  # a neighbour's sliver
+    img[2] = 0.02  # black
+    x = (img - 0.5) / 0.3
+    exported = torch.export.export(Share(), (x,)).module()
+    torch.testing.assert_close(exported(x), Share()(x))
+    assert exported(x)[0, 0] > 0 and exported(x)[2, 0] == 0
+
+
+def test_crack_stat_comes_before_the_hole_share_and_crack_skip_adds_it_to_cracking():
+    from xcryonet.model import crack_share, hole_share
+
+    plain = build_model("xcryonet", **TINY, hole_stat=True)
+    both = build_model("xcryonet", **TINY, hole_stat=True, crack_stat=True)
+    for part in ("primary", "fusion", "branches.cracking"):
+        a = plain.get_submodule(part).classifier.attributes[0].in_features
+        assert both.get_submodule(part).classifier.attributes[0].in_features == a + 1
+    x = torch.full((2, 1, 32, 32), -1.5)
+    x[..., 4:28, 4:28] = 0.5
+    x[0, 0, 10:12, 6:26] = 1.6  # a crack in square 0
+    x[1, 0, 10:16, 10:16] = -1.5  # a hole in square 1
+    stats = both.primary(x)["stats"]
+    assert stats.shape == (2, 7 + 1 + 1)
+    torch.testing.assert_close(stats[:, 7:8], crack_share(x, 0.5, 0.3, 0.1 / 0.3))
+    torch.testing.assert_close(stats[:, 8:], hole_share(x, 0.1 / 0.3))  # last: hole_skip's
+    # crack_skip: the answer's cracking outputs (index 2) get the share, contamination (3) the
+    # hole share, nothing else moves.
+    torch.manual_seed(0)
+    model = build_model(
+        "xcryonet",
+        **TINY,
+        head="coral",
+        hole_stat=True,
+        hole_skip=True,
+        crack_stat=True,
+        crack_skip=True,
+    ).eval()
+    cls = model.fusion.classifier
+    seen: dict[str, torch.Tensor] = {}
+    cls.attributes.register_forward_hook(lambda m, i, o: seen.update(out=o.detach()))
+    out = model(x, reconstruct=())
+    crack, hole = crack_share(x, 0.5, 0.3, 0.1 / 0.3)[:, 0], hole_share(x, 0.1 / 0.3)[:, 0]
+    assert crack[0] > 0 and crack[1] == 0 and hole[1] > 0 and hole[0] == 0
+    bumped = seen["out"].view(2, 4, -1).clone()
+    bumped[:, 2] += crack[:, None]
+    bumped[:, 3] += hole[:, None]
+    want, _ = cls._scores(bumped.flatten(1), 0)
+    torch.testing.assert_close(out["scores"][:, :4], want)
+    out["scores"][:, 2].sum().backward()
+    assert cls.crack_gain is not None and cls.crack_gain.grad is not None
+    assert model.primary.classifier.crack_gain is None
+    with pytest.raises(InputError, match="crack_skip needs crack_stat"):
+        ModelConfig(crack_skip=True)
+
+
 @pytest.mark.parametrize("overall_grad", [True, False])
 def test_overall_loss_reaches_the_attribute_head_only_when_configured(overall_grad):
     torch.manual_seed(0)

@@ -511,12 +511,20 @@ def test_kill_and_resume_gives_identical_results(dataset, tmp_path, monkeypatch)
         (True, "regression", False),
         (False, "ordinal", False),
         (False, "coral", True),
+        (True, "coral", True),
     ],
 )
 def test_trained_model_loads_predicts_and_evaluates(dataset, tmp_path, extremes, head, hole_stat):
     squares, labels = dataset
     cfg = TrainConfig(**{**TINY_TRAIN.__dict__, "epochs": 1})
-    holes = {"hole_stat": hole_stat, "hole_skip": hole_stat}
+    # The statistics: hole_stat with its skip; with the extremes too, the bright shares.
+    stats = hole_stat and extremes
+    holes = {
+        "hole_stat": hole_stat,
+        "hole_skip": hole_stat,
+        "crack_stat": stats,
+        "crack_skip": stats,
+    }
     model_cfg = ModelConfig(**{**TINY_MODEL.__dict__, "extremes": extremes, "head": head, **holes})
     metrics = train(
         squares,

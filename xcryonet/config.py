@@ -150,6 +150,13 @@ class ModelConfig:
         hole_skip: with ``hole_stat``, the answer's contamination output also gets that share
             directly, times a learnt positive gain (a monotone path the rest of the head
             corrects; docs/experiment.md, "Follow-up 13").
+        crack_stat: with ``input_stats``, the classifiers also get the share of the square's
+            own opening (without the slivers of its neighbours beyond the bars) that is
+            brighter than the opening's film by a share of its headroom to full transmission
+            (``xcryonet.model.crack_share``): cracks and broken film (docs/experiment.md,
+            "Follow-up 14"). Models saved before this field existed load with false.
+        crack_skip: with ``crack_stat``, the answer's cracking output also gets that share
+            directly, times a learnt positive gain, as ``hole_skip`` does for contamination.
     """
 
     width: int = 8
@@ -168,10 +175,14 @@ class ModelConfig:
     head: str = "regression"
     hole_stat: bool = False
     hole_skip: bool = False
+    crack_stat: bool = False
+    crack_skip: bool = False
 
     def __post_init__(self) -> None:
         if self.hole_skip and not (self.hole_stat and self.input_stats):
             raise InputError("model", "hole_skip needs hole_stat and input_stats")
+        if self.crack_skip and not (self.crack_stat and self.input_stats):
+            raise InputError("model", "crack_skip needs crack_stat and input_stats")
         if self.head not in ("regression", "ordinal", "coral"):
             raise InputError(
                 "model", f"head must be regression, ordinal or coral, got {self.head!r}"

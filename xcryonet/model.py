@@ -71,16 +71,24 @@ class ResBlock(nn.Module):
 
 
 def n_stats_of(cfg: ModelConfig) -> int:
-    """Statistics the classifiers get: ``input_stats``'s, plus ``hole_share`` with
-    ``cfg.hole_stat``."""
+    """Statistics the classifiers get, in this order: ``input_stats``'s, ``crack_share`` with
+    ``cfg.crack_stat``, ``hole_share`` with ``cfg.hole_stat`` (last)."""
     if not cfg.input_stats:
         return 0
-    return N_INPUT_STATS + (N_HOLE_STATS if cfg.hole_stat else 0)
+    crack = N_CRACK_STATS if cfg.crack_stat else 0
+    return N_INPUT_STATS + crack + (N_HOLE_STATS if cfg.hole_stat else 0)
 
 
-def stat_skip_of(cfg: ModelConfig) -> int | None:
-    """The attribute whose answer output also gets ``hole_share`` directly (``hole_skip``)."""
-    return ATTRIBUTE_BRANCHES["contamination"] if cfg.hole_skip else None
+def stat_skips_of(cfg: ModelConfig) -> list[tuple[str, int, int]]:
+    """The statistics the answer's attribute outputs also get directly: (the gain's parameter
+    name, attribute index, statistic column) for ``crack_skip`` (``crack_share``, into
+    cracking) and ``hole_skip`` (``hole_share``, the last column, into contamination)."""
+    skips = []
+    if cfg.crack_skip:
+        skips.append(("crack_gain", ATTRIBUTE_BRANCHES["cracking"], N_INPUT_STATS))
+    if cfg.hole_skip:
+        skips.append(("skip_gain", ATTRIBUTE_BRANCHES["contamination"], -1))
+    return skips
 
 
 def in_channels(cfg: ModelConfig) -> int:
@@ -115,6 +123,14 @@ N_HOLE_STATS = 1  # ``hole_share``'s column with ``ModelConfig.hole_stat``
 # shows no opening to measure and ``hole_share`` gives 0: on the demo, black squares and
 # partial squares at the edge of the imaged field (0.015-0.096; the next is 0.104).
 HOLE_MIN_CONTRAST = 0.1
+N_CRACK_STATS = 1  # ``crack_share``'s column with ``ModelConfig.crack_stat``
+# ``crack_share``: a pixel of the opening is bright when it lies more than this share of the
+# way from the opening's median to full transmission. A crack counts in the cracking label where
+# it lets through at least half the beam the film stops (0.5 of the way, at native
+# resolution); at 64 px a hairline crack is averaged with film beside it. One monotone map from
+# the share fits the label best with 0.3 (cracking MAE 0.175 at 500 labels against 0.187 with
+# 0.25 and 0.191 with 0.4; bench/crack_probe.py, docs/experiment.md "Follow-up 14").
+CRACK_HEADROOM = 0.3
 # The open-area threshold, as the extractor draws it: bar level + OPEN_FRACTION x (open - bar),
 # with the 5th percentile as the bar level and the 90th as the open level.
 OPEN_FRACTION = 0.3
@@ -232,6 +248,13 @@ def fill_dark_runs(seed: Tensor, dark: Tensor, rounds: int | None = None) -> Ten
     return reach
 
 
+def _percentiles_nearest(flat: Tensor, qs: Sequence[float]) -> list[Tensor]:
+    """Nearest-rank percentiles (B,) of each row of (B, N)."""
+    ordered = sorted_rows(flat)
+    n = flat.shape[1] - 1
+    return [ordered[:, round(q * n)] for q in qs]
+
+
 def hole_share(x: Tensor, min_contrast: float = 0.0) -> Tensor:
     """The dark share of the opening that the film encloses: (B, C, H, W) -> (B, 1), as
     4 * sqrt(share) (0..4, the scale of the scores); channel 0 is read.
@@ -248,10 +271,7 @@ def hole_share(x: Tensor, min_contrast: float = 0.0) -> Tensor:
     """
     step = -(-x.shape[-1] // 64)
     img = x[:, :1, ::step, ::step].float()
-    flat = img.flatten(1)
-    ordered = sorted_rows(flat)
-    n = flat.shape[1] - 1
-    q05, q90 = ordered[:, round(0.05 * n)], ordered[:, round(0.9 * n)]
+    q05, q90 = _percentiles_nearest(img.flatten(1), (0.05, 0.9))
     threshold = (q05 + OPEN_FRACTION * (q90 - q05))[:, None, None, None]
     dark = img <= threshold
     border = torch.ones_like(dark)
@@ -261,6 +281,57 @@ def hole_share(x: Tensor, min_contrast: float = 0.0) -> Tensor:
     opening = (~dark).flatten(1).sum(1, keepdim=True).to(img.dtype) + holes
     lit = (q90 - q05 >= min_contrast)[:, None].to(img.dtype)
     return 4 * torch.sqrt(holes / opening.clamp(min=1)) * lit
+
+
+def square_opening(img: Tensor, own: bool = True) -> tuple[Tensor, Tensor]:
+    """The square's own opening in (B, 1, H, W) inputs -> (opening bool (B, 1, H, W), contrast
+    (B,) the 90th minus the 5th percentile).
+
+    The pixels above the open-area threshold (as ``hole_share`` draws it) that a 4-connected
+    path of such pixels joins to the crop's central window (the middle eighth of each side).
+    The crop also shows slivers of the neighbouring squares' openings beyond the bars; they
+    are left out, as the extractor's footprint leaves them out of its mask. ``own=False``
+    keeps every pixel above the threshold (for comparison, ``bench/crack_probe.py``).
+    """
+    q05, q90 = _percentiles_nearest(img.flatten(1), (0.05, 0.9))
+    threshold = (q05 + OPEN_FRACTION * (q90 - q05))[:, None, None, None]
+    is_open = img > threshold
+    if not own:
+        return is_open, q90 - q05
+    h, w = img.shape[-2:]
+    seed = torch.zeros_like(is_open)
+    seed[..., (7 * h) // 16 : -(-9 * h // 16), (7 * w) // 16 : -(-9 * w // 16)] = True
+    return fill_dark_runs(seed, is_open), q90 - q05
+
+
+def crack_share(
+    x: Tensor, norm_mean: float, norm_std: float, min_contrast: float = 0.0, own: bool = True
+) -> Tensor:
+    """The bright share of the square's own opening: (B, C, H, W) normalised inputs -> (B, 1),
+    as 4 * sqrt(share) (0..4, the scale of the scores); channel 0 is read.
+
+    Bright pixels are those of the opening (``square_opening``) more than ``CRACK_HEADROOM`` of
+    the way from the opening's median up to full transmission (1 before the normalisation
+    ``norm_mean``, ``norm_std``). A crack or broken film lets through part or all of the beam
+    that the film and ice stop, ``t + a * (1 - t)`` for film transmission ``t``, so a margin
+    relative to the headroom ``1 - t`` finds them on thick and thin ice alike. A square whose
+    90th percentile is less than ``min_contrast`` (in the input's units) above its 5th has no
+    opening to measure and gets 0. ``own``: see ``square_opening``.
+    """
+    step = -(-x.shape[-1] // 64)
+    img = x[:, :1, ::step, ::step].detach().float()
+    opening, contrast = square_opening(img, own)
+    op = opening.flatten(1)
+    n_open = op.sum(1)
+    v = img.flatten(1)
+    # The opening's median: the other pixels pushed past the end of each sorted row.
+    ordered = sorted_rows(torch.where(op, v, torch.full_like(v, float("inf"))))
+    median = ordered.gather(1, ((n_open - 1).clamp(min=0) // 2)[:, None])
+    full = (1.0 - norm_mean) / norm_std
+    bright = (v > median + CRACK_HEADROOM * (full - median)) & op
+    share = bright.sum(1) / n_open.clamp(min=1)
+    lit = ((contrast >= min_contrast) & (n_open > 0)).to(img.dtype)
+    return (4 * torch.sqrt(share.to(img.dtype)) * lit)[:, None]
 
 
 N_THRESHOLDS = 4  # an ordinal head's "score > k" logits, k = 0..3
@@ -296,7 +367,7 @@ class Classifier(nn.Module):
         overall_grad: bool = True,
         overall_features: bool = False,
         head: str = "regression",
-        stat_skip: int | None = None,
+        skips: Sequence[tuple[str, int, int]] = (),
     ):
         super().__init__()
         ordinal = head in ORDINAL_HEADS
@@ -322,13 +393,13 @@ class Classifier(nn.Module):
         for mlp in (self.attributes, self.overall):
             if mlp is not None:
                 nn.init.constant_(mlp[-1].bias, 0.0 if ordinal else 2.0)  # type: ignore[arg-type]
-        # stat_skip: the last statistic (``hole_share``, appended after ``input_stats``) also
-        # enters attribute ``stat_skip``'s output(s) directly, times a learnt positive gain
-        # (softplus, starting at 1).
-        self.stat_skip = stat_skip
-        self.skip_gain: nn.Parameter | None = None
-        if stat_skip is not None:
-            self.skip_gain = nn.Parameter(torch.tensor(math.log(math.e - 1)))
+        # skips (``stat_skips_of``): a statistic also enters its attribute's output(s)
+        # directly, times a learnt positive gain (softplus, starting at 1).
+        self.skips = list(skips)
+        self.skip_gain: nn.Parameter | None = None  # hole_share's, into contamination
+        self.crack_gain: nn.Parameter | None = None  # crack_share's, into cracking
+        for name, _, _ in self.skips:
+            setattr(self, name, nn.Parameter(torch.tensor(math.log(math.e - 1))))
         self.thresholds: nn.Parameter | None = None
         if shared:
             # Evenly spaced around 0: the probabilities sum to 2 at a zero output, mid-scale.
@@ -361,12 +432,14 @@ class Classifier(nn.Module):
             parts.append(stats.to(parts[0].dtype))
         pooled = torch.cat(parts, dim=1)
         out = self.attributes(pooled)
-        if self.skip_gain is not None and stats is not None:
+        if self.skips and stats is not None:
             # (B, n * k) -> (B, n, k): the statistic moves every output of its attribute.
             rows = out.view(len(out), -1, self.outputs_per_score)
-            which = F.one_hot(torch.tensor(self.stat_skip), rows.shape[1]).to(out.device, out.dtype)
-            bump = F.softplus(self.skip_gain) * stats[:, -1].to(out.dtype)
-            out = (rows + bump[:, None, None] * which[None, :, None]).flatten(1)
+            for name, attribute, column in self.skips:
+                which = F.one_hot(torch.tensor(attribute), rows.shape[1]).to(out.device, out.dtype)
+                bump = F.softplus(getattr(self, name)) * stats[:, column].to(out.dtype)
+                rows = rows + bump[:, None, None] * which[None, :, None]
+            out = rows.flatten(1)
         attrs, attr_logits = self._scores(out, 0)
         if self.overall is None:
             return attrs, attr_logits
@@ -443,6 +516,8 @@ class Branch(nn.Module):
         c = self.features.out_channels
         self.use_stats = cfg.input_stats
         self.hole_stat = cfg.input_stats and cfg.hole_stat
+        self.crack_stat = cfg.input_stats and cfg.crack_stat
+        self.norm = (cfg.norm_mean, cfg.norm_std)
         self.hole_contrast = HOLE_MIN_CONTRAST / cfg.norm_std  # in the normalised input's units
         n_stats = n_stats_of(cfg)
         self.classifier = Classifier(
@@ -454,13 +529,15 @@ class Branch(nn.Module):
             cfg.overall_grad,
             cfg.overall_features,
             cfg.head if answer else "regression",
-            stat_skip_of(cfg) if answer else None,
+            stat_skips_of(cfg) if answer else (),
         )
         self.decoder = Decoder(cfg, c)
 
     def forward(self, x: Tensor, reconstruct: bool = True) -> dict[str, Tensor]:
         feat = self.features(x)
         stats = input_stats(x[:, :1]) if self.use_stats else None
+        if stats is not None and self.crack_stat:
+            stats = torch.cat([stats, crack_share(x, *self.norm, self.hole_contrast)], dim=1)
         if stats is not None and self.hole_stat:
             stats = torch.cat([stats, hole_share(x, self.hole_contrast)], dim=1)
         scores, logits = self.classifier(feat, stats)
@@ -501,7 +578,7 @@ class Fusion(nn.Module):
             cfg.overall_grad,
             cfg.overall_features,
             cfg.head,
-            stat_skip_of(cfg),
+            stat_skips_of(cfg),
         )
 
     def forward(

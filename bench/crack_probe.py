@@ -1,0 +1,134 @@
+"""How much of the cracking label is one number: the bright share of the square's own opening?
+
+    python bench/crack_probe.py [--squares squares] [--labels data/labels.csv]
+        [--labeled 100 500 900] [--repeats 4] [--all-features]
+
+On the experiment's own splits (``train.split_rows``, seeds 0..repeats-1, the same test squares
+as ``xcryonet experiment``'s table) it fits a monotone (isotonic) map from one statistic to the
+cracking label on the labelled training squares and prints the test MAE of its rounded
+predictions, mean ± s.d. over the repeats. The statistics, on the model's own input:
+
+- ``own opening``: ``xcryonet.model.crack_share``, the number ``model.crack_stat`` hands the
+  classifiers: the share of the opening joined to the crop's centre that lies more than
+  ``CRACK_HEADROOM`` of the way from its median to full transmission;
+- ``whole crop``: the same over every pixel above the open-area threshold, so the slivers of
+  the neighbouring squares' openings beyond the bars count too (what a network pooling over
+  the whole crop sees);
+- ``boosting, 77 features`` with ``--all-features``: the ``features_gbm`` baseline itself, for
+  comparison (about 2 min more).
+
+If the first does about as well as boosting, the cracking label is that number binned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common import (  # noqa: E402  (bench/ sibling)
+    add_data_args,
+    label_matrix,
+    monotone_fit_maes,
+    report_or_one_line_error,
+)
+
+from xcryonet import model as xm  # noqa: E402
+from xcryonet.baselines import FeaturesGBM, mae, square_features  # noqa: E402
+from xcryonet.config import load_params  # noqa: E402
+from xcryonet.errors import InputError  # noqa: E402
+from xcryonet.experiment import raw_crops  # noqa: E402
+from xcryonet.labels import SCORE_NAMES  # noqa: E402
+from xcryonet.train import load_squares_set, read_table, split_rows  # noqa: E402
+
+
+def gbm_maes(
+    feats: np.ndarray,
+    y: np.ndarray,
+    table: pd.DataFrame,
+    labeled: int,
+    repeats: int,
+    test_fraction: float,
+    args: argparse.Namespace,
+) -> list[float]:
+    """Rounded cracking MAE per repeat of the ``features_gbm`` learner on ``feats`` (N, F)."""
+    maes = []
+    for r in range(repeats):
+        lab, _, test = split_rows(
+            table,
+            supervision="fs",
+            labeled=labeled,
+            unlabeled=0,
+            test_fraction=test_fraction,
+            seed=r,
+            path=args.labels,
+        )
+        gbm = FeaturesGBM().fit_features(feats[lab], y[lab])
+        pred = np.rint(np.clip(gbm.predict_features(feats[test]), 0, 4))
+        maes.append(mae(y[test], pred)["cracking"])
+    return maes
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_data_args(ap, ROOT)
+    ap.add_argument("--labeled", type=int, nargs="+", default=[100, 500, 900])
+    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--all-features", action="store_true", help="also the 77-feature baseline")
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"), help="params file")
+    return report_or_one_line_error(Path(__file__).name, report, ap.parse_args(argv))
+
+
+def report(args: argparse.Namespace) -> int:
+    """Print the table for ``args``."""
+    if args.repeats < 1:
+        raise InputError("--repeats", f"must be >= 1, got {args.repeats}")
+    torch.set_num_threads(1)
+    params = load_params(args.params)
+    cfg = dataclasses.replace(params.model, extremes=True)
+    table = read_table(args.squares, args.labels)
+    y = label_matrix(table)
+    rows = np.flatnonzero(table["labelled"].to_numpy())
+    x = load_squares_set(args.squares, table.iloc[rows], cfg, np.ones(len(rows), bool)).x
+    gate = xm.HOLE_MIN_CONTRAST / cfg.norm_std
+    share = {
+        own: xm.crack_share(x, cfg.norm_mean, cfg.norm_std, gate, own=own)[:, 0].numpy()
+        for own in (True, False)
+    }
+    sets = {"own opening": share[True][:, None], "whole crop": share[False][:, None]}
+    if args.all_features:
+        crops, masks = raw_crops(Path(args.squares), table.iloc[rows])
+        sets["boosting, 77 features"] = square_features(crops, masks)[0]
+    cracking = SCORE_NAMES.index("cracking")
+    print("statistic | labelled | cracking MAE (rounded), mean ± s.d. | per repeat")
+    for name, f in sets.items():
+        feats = np.zeros((len(table), f.shape[1]))
+        feats[rows] = f
+        for n in args.labeled:
+            if f.shape[1] == 1:
+                maes = monotone_fit_maes(
+                    feats[:, 0],
+                    y[:, cracking],
+                    table,
+                    n,
+                    args.repeats,
+                    params.train.test_fraction,
+                    args.labels,
+                )
+            else:
+                maes = gbm_maes(feats, y, table, n, args.repeats, params.train.test_fraction, args)
+            per = " ".join(f"{m:.3f}" for m in maes)
+            print(f"{name} | {n} | {np.mean(maes):.3f} ± {np.std(maes, ddof=1):.3f} | {per}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
