@@ -517,7 +517,7 @@ def test_kill_and_resume_gives_identical_results(dataset, tmp_path, monkeypatch)
 def test_trained_model_loads_predicts_and_evaluates(dataset, tmp_path, extremes, head, hole_stat):
     squares, labels = dataset
     cfg = TrainConfig(**{**TINY_TRAIN.__dict__, "epochs": 1})
-    # The statistics: hole_stat with its skip; with the extremes too, the bright shares.
+    # The statistics: hole_stat with its skip; with the extremes too, crack_stat with its skip.
     stats = hole_stat and extremes
     holes = {
         "hole_stat": hole_stat,
