@@ -79,23 +79,14 @@ def label_matrix(table: pd.DataFrame) -> np.ndarray:
     return table[[f"label_{s}" for s in SCORE_NAMES]].to_numpy(float)
 
 
-def monotone_fit_maes(
-    stat: np.ndarray,
-    y: np.ndarray,
-    table: pd.DataFrame,
-    labeled: int,
-    repeats: int,
-    test_fraction: float,
-    labels: str | Path,
-) -> list[float]:
-    """Rounded test MAE per repeat of a monotone (isotonic) map from one statistic (N,) to one
-    score (N,) (NaN = no label), fitted on the labelled training squares of the experiment's
-    splits (``train.split_rows``, seeds 0..repeats-1)."""
-    from sklearn.isotonic import IsotonicRegression
-
+def fs_splits(
+    table: pd.DataFrame, labeled: int, repeats: int, test_fraction: float, labels: str | Path
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(labelled training rows, test rows) of the experiment's fully supervised splits
+    (``train.split_rows``, seeds 0..repeats-1)."""
     from xcryonet.train import split_rows
 
-    maes = []
+    splits = []
     for r in range(repeats):
         lab, _, test = split_rows(
             table,
@@ -106,6 +97,19 @@ def monotone_fit_maes(
             seed=r,
             path=labels,
         )
+        splits.append((lab, test))
+    return splits
+
+
+def monotone_fit_maes(
+    stat: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]]
+) -> list[float]:
+    """Rounded test MAE per split (``fs_splits``) of a monotone (isotonic) map from one
+    statistic (N,) to one score (N,) (NaN = no label), fitted on the training rows."""
+    from sklearn.isotonic import IsotonicRegression
+
+    maes = []
+    for lab, test in splits:
         ok = ~np.isnan(y[lab])
         fit = IsotonicRegression(out_of_bounds="clip").fit(stat[lab][ok], y[lab][ok])
         t_ok = ~np.isnan(y[test])

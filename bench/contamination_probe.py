@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from common import (  # noqa: E402  (bench/ sibling)
     add_data_args,
+    fs_splits,
     labelled_crops,
     monotone_fit_maes,
     report_or_one_line_error,
@@ -95,15 +96,8 @@ def report(args: argparse.Namespace) -> int:
     print("statistic | labelled | contamination MAE (rounded), mean ± s.d. | per repeat")
     for name, s in stats.items():
         for n in args.labeled:
-            maes = monotone_fit_maes(
-                s,
-                y[:, CONTAMINATION],
-                table,
-                n,
-                args.repeats,
-                params.train.test_fraction,
-                args.labels,
-            )
+            splits = fs_splits(table, n, args.repeats, params.train.test_fraction, args.labels)
+            maes = monotone_fit_maes(s, y[:, CONTAMINATION], splits)
             per = " ".join(f"{m:.3f}" for m in maes)
             print(f"{name} | {n} | {np.mean(maes):.3f} ± {np.std(maes, ddof=1):.3f} | {per}")
     return 0

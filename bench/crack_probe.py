@@ -28,7 +28,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from common import (  # noqa: E402  (bench/ sibling)
     add_data_args,
+    fs_splits,
     label_matrix,
     monotone_fit_maes,
     report_or_one_line_error,
@@ -47,30 +47,16 @@ from xcryonet.config import load_params  # noqa: E402
 from xcryonet.errors import InputError  # noqa: E402
 from xcryonet.experiment import raw_crops  # noqa: E402
 from xcryonet.labels import SCORE_NAMES  # noqa: E402
-from xcryonet.train import load_squares_set, read_table, split_rows  # noqa: E402
+from xcryonet.train import load_squares_set, read_table  # noqa: E402
 
 
 def gbm_maes(
-    feats: np.ndarray,
-    y: np.ndarray,
-    table: pd.DataFrame,
-    labeled: int,
-    repeats: int,
-    test_fraction: float,
-    args: argparse.Namespace,
+    feats: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]]
 ) -> list[float]:
-    """Rounded cracking MAE per repeat of the ``features_gbm`` learner on ``feats`` (N, F)."""
+    """Rounded cracking MAE per split (``fs_splits``) of the ``features_gbm`` learner on
+    ``feats`` (N, F)."""
     maes = []
-    for r in range(repeats):
-        lab, _, test = split_rows(
-            table,
-            supervision="fs",
-            labeled=labeled,
-            unlabeled=0,
-            test_fraction=test_fraction,
-            seed=r,
-            path=args.labels,
-        )
+    for lab, test in splits:
         gbm = FeaturesGBM().fit_features(feats[lab], y[lab])
         pred = np.rint(np.clip(gbm.predict_features(feats[test]), 0, 4))
         maes.append(mae(y[test], pred)["cracking"])
@@ -113,18 +99,11 @@ def report(args: argparse.Namespace) -> int:
         feats = np.zeros((len(table), f.shape[1]))
         feats[rows] = f
         for n in args.labeled:
+            splits = fs_splits(table, n, args.repeats, params.train.test_fraction, args.labels)
             if f.shape[1] == 1:
-                maes = monotone_fit_maes(
-                    feats[:, 0],
-                    y[:, cracking],
-                    table,
-                    n,
-                    args.repeats,
-                    params.train.test_fraction,
-                    args.labels,
-                )
+                maes = monotone_fit_maes(feats[:, 0], y[:, cracking], splits)
             else:
-                maes = gbm_maes(feats, y, table, n, args.repeats, params.train.test_fraction, args)
+                maes = gbm_maes(feats, y, splits)
             per = " ".join(f"{m:.3f}" for m in maes)
             print(f"{name} | {n} | {np.mean(maes):.3f} ± {np.std(maes, ddof=1):.3f} | {per}")
     return 0
