@@ -14,6 +14,11 @@ predictions, mean ± s.d. over the repeats. The statistics, on the model's own i
 - ``whole crop``: the same over every pixel above the open-area threshold, so the slivers of
   the neighbouring squares' openings beyond the bars count too (what a network pooling over
   the whole crop sees);
+- ``own opening, profile``: the seven numbers ``model.crack_profile`` hands the classifiers
+  (the share, the shares above more margins, soft shares), through ``features_gbm``'s
+  gradient boosting instead of a monotone map;
+- ``own opening, profile + input_stats``: those seven and ``input_stats``'s seven through a
+  small MLP (``mlp_maes``);
 - ``boosting, 77 features`` with ``--all-features``: the ``features_gbm`` baseline itself, for
   comparison (about 2 min more).
 
@@ -63,6 +68,24 @@ def gbm_maes(
     return maes
 
 
+def mlp_maes(
+    feats: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]]
+) -> list[float]:
+    """Rounded cracking MAE per split of a small MLP (64-64 hidden, scikit-learn, seed 0) on
+    ``feats`` (N, F): what a cracking path reading only statistics could learn."""
+    from sklearn.neural_network import MLPRegressor
+
+    cracking = SCORE_NAMES.index("cracking")
+    maes = []
+    for lab, test in splits:
+        ok, ok_test = lab[~np.isnan(y[lab, cracking])], test[~np.isnan(y[test, cracking])]
+        mlp = MLPRegressor(hidden_layer_sizes=(64, 64), max_iter=2000, random_state=0, alpha=1e-3)
+        mlp.fit(feats[ok], y[ok, cracking])
+        pred = np.rint(np.clip(mlp.predict(feats[ok_test]), 0, 4))
+        maes.append(float(np.abs(pred - y[ok_test, cracking]).mean()))
+    return maes
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_data_args(ap, ROOT)
@@ -90,6 +113,10 @@ def report(args: argparse.Namespace) -> int:
         for own in (True, False)
     }
     sets = {"own opening": share[True][:, None], "whole crop": share[False][:, None]}
+    profile = xm.crack_share(x, cfg.norm_mean, cfg.norm_std, gate, profile=True).numpy()
+    sets["own opening, profile (7, boosting)"] = profile
+    with_stats = np.concatenate([profile, xm.input_stats(x[:, :1]).numpy()], axis=1)
+    sets["own opening, profile + input_stats (14, MLP)"] = with_stats
     if args.all_features:
         crops, masks = raw_crops(Path(args.squares), table.iloc[rows])
         sets["boosting, 77 features"] = square_features(crops, masks)[0]
@@ -102,6 +129,8 @@ def report(args: argparse.Namespace) -> int:
             splits = fs_splits(table, n, args.repeats, params.train.test_fraction, args.labels)
             if f.shape[1] == 1:
                 maes = monotone_fit_maes(feats[:, 0], y[:, cracking], splits)
+            elif "MLP" in name:
+                maes = mlp_maes(feats, y, splits)
             else:
                 maes = gbm_maes(feats, y, splits)
             per = " ".join(f"{m:.3f}" for m in maes)

@@ -410,23 +410,28 @@ def test_hole_stat_is_one_more_statistic_for_every_classifier():
     assert fused == bare.fusion.classifier.attributes[0].in_features
 
 
-def _crack_share_numpy(img: np.ndarray, mean: float, std: float) -> float:
-    """crack_share of one (H, W) normalised input with scipy's labelling: the reference."""
-    from scipy import ndimage as ndi
+# Both statistics with their skips, on the coral head.
+SKIPS = {
+    "head": "coral",
+    "hole_stat": True,
+    "hole_skip": True,
+    "crack_stat": True,
+    "crack_skip": True,
+}
 
-    from xcryonet.model import CRACK_HEADROOM
 
-    flat = np.sort(img.ravel())
-    n = flat.size - 1
-    lo, hi = flat[round(0.05 * n)], flat[round(0.9 * n)]
-    labels, _ = ndi.label(img > lo + 0.3 * (hi - lo))
-    h, w = img.shape
-    window = labels[(7 * h) // 16 : -(-9 * h // 16), (7 * w) // 16 : -(-9 * w // 16)]
-    opening = np.isin(labels, window[window > 0])
-    values = np.sort(img[opening])
-    median = values[(values.size - 1) // 2]
-    full = (1 - mean) / std
-    return 4 * float(np.sqrt(np.mean(values > median + CRACK_HEADROOM * (full - median))))
+def _streaked_squares(n: int, seed: int) -> np.ndarray:
+    """(n, 1, 48, 48) squares in bars at 0.05: film at a random level, noise, and up to seven
+    bright streaks 2 px wide (some across the bars)."""
+    rng = np.random.default_rng(seed)
+    img = np.full((n, 1, 48, 48), 0.05, np.float32)
+    img[..., 6:42, 6:42] = rng.uniform(0.3, 0.8, (n, 1, 1, 1))
+    img += rng.normal(0, 0.02, img.shape).astype(np.float32)
+    for k in range(n):
+        for _ in range(rng.integers(0, 8)):
+            r, c, s = rng.integers(0, 46), rng.integers(0, 44), rng.integers(1, 8)
+            img[k, 0, r : r + 2, c : c + s] = rng.uniform(0.6, 1.0)
+    return img
 
 
 def test_crack_share_reads_the_squares_own_opening():
@@ -453,18 +458,10 @@ def test_crack_share_reads_the_squares_own_opening():
     thick[..., 4:36, 4:36] = 0.2
     thick[0, 0, 10:12, 8:28] = 0.5
     np.testing.assert_allclose(crack_share(norm(thick), mean, std)[0, 0], got[0], atol=1e-5)
-    # Random squares (film level, noise, bright streaks): the same as scipy's labelling.
-    rng = np.random.default_rng(0)
-    img = np.full((10, 1, 48, 48), 0.05, np.float32)
-    img[..., 6:42, 6:42] = rng.uniform(0.3, 0.8, (10, 1, 1, 1))
-    img += rng.normal(0, 0.02, img.shape).astype(np.float32)
-    for k in range(10):
-        for _ in range(rng.integers(0, 8)):
-            r, c, s = rng.integers(0, 46), rng.integers(0, 44), rng.integers(1, 8)
-            img[k, 0, r : r + 2, c : c + s] = rng.uniform(0.6, 1.0)
-    x = norm(torch.from_numpy(img))
+    # Random squares (film level, noise, bright streaks): the same as the reference.
+    x = norm(torch.from_numpy(_streaked_squares(10, seed=0)))
     got = crack_share(x, mean, std)[:, 0].numpy()
-    want = [_crack_share_numpy(x[k, 0].numpy(), mean, std) for k in range(10)]
+    want = [_crack_profile_numpy(x[k, 0].numpy(), mean, std)[0] for k in range(10)]
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert (got > 0).sum() >= 3
     # A black square (with a few hot pixels) gets 0 below the least contrast.
@@ -515,15 +512,7 @@ def test_crack_stat_comes_before_the_hole_share_and_crack_skip_adds_it_to_cracki
     # crack_skip: the answer's cracking outputs (index 2) get the share, contamination (3) the
     # hole share, nothing else moves.
     torch.manual_seed(0)
-    model = build_model(
-        "xcryonet",
-        **TINY,
-        head="coral",
-        hole_stat=True,
-        hole_skip=True,
-        crack_stat=True,
-        crack_skip=True,
-    ).eval()
+    model = build_model("xcryonet", **TINY, **SKIPS).eval()
     cls = model.fusion.classifier
     seen: dict[str, torch.Tensor] = {}
     cls.attributes.register_forward_hook(lambda m, i, o: seen.update(out=o.detach()))
@@ -540,6 +529,77 @@ def test_crack_stat_comes_before_the_hole_share_and_crack_skip_adds_it_to_cracki
     assert model.primary.classifier.crack_gain is None
     with pytest.raises(InputError, match="crack_skip needs crack_stat"):
         ModelConfig(crack_skip=True)
+
+
+def _crack_profile_numpy(img: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """crack_share(profile=True) of one (H, W) normalised input, written out with scipy's
+    labelling: the reference (its first number is crack_share's)."""
+    from scipy import ndimage as ndi
+
+    from xcryonet.model import CRACK_HEADROOM, CRACK_PROFILE_HEADROOMS, CRACK_PROFILE_SOFT
+
+    flat = np.sort(img.ravel())
+    n = flat.size - 1
+    lo, hi = flat[round(0.05 * n)], flat[round(0.9 * n)]
+    labels, _ = ndi.label(img > lo + 0.3 * (hi - lo))
+    h, w = img.shape
+    window = labels[(7 * h) // 16 : -(-9 * h // 16), (7 * w) // 16 : -(-9 * w // 16)]
+    values = np.sort(img[np.isin(labels, window[window > 0])])
+    median = values[(values.size - 1) // 2]
+    room = (1 - mean) / std - median
+    margins = (CRACK_HEADROOM, *CRACK_PROFILE_HEADROOMS)
+    hard = [np.mean(values > median + a * room) for a in margins]
+    excess = [np.clip(values - median - a * room, 0, None) for a in CRACK_PROFILE_SOFT]
+    soft = [np.mean(e) / room for e in excess]
+    return 4 * np.sqrt(np.array(hard + soft))
+
+
+def test_crack_profile_adds_more_margins_and_soft_shares_after_the_share():
+    from xcryonet.model import N_CRACK_PROFILE, crack_share, hole_share
+
+    mean, std = 0.5, 0.3
+    # Film at 0.6 (headroom 0.4): a crack at 0.95 (0.875 of the headroom), 2 x 20 px in a
+    # 32 x 32 opening, and a streak at 0.7 (0.25), 2 x 10 px.
+    x = torch.full((1, 1, 40, 40), 0.05)
+    x[..., 4:36, 4:36] = 0.6
+    x[0, 0, 10:12, 8:28] = 0.95
+    x[0, 0, 20:22, 8:18] = 0.7
+    got = crack_share((x - mean) / std, mean, std, profile=True)[0].numpy()
+    n = 32**2
+    hard = [40 / n, 60 / n, 40 / n, 40 / n]  # above 0.3, 0.2, 0.4, 0.5 of the headroom
+    soft = [(40 * (0.875 - a) + 20 * max(0.25 - a, 0)) / n for a in (0.05, 0.1, 0.2)]
+    np.testing.assert_allclose(got, 4 * np.sqrt(hard + soft), atol=1e-4)
+    # Random squares: the same as the reference written out with scipy's labelling.
+    xs = (torch.from_numpy(_streaked_squares(8, seed=1)) - mean) / std
+    prof = crack_share(xs, mean, std, profile=True).numpy()
+    want = [_crack_profile_numpy(xs[k, 0].numpy(), mean, std) for k in range(8)]
+    np.testing.assert_allclose(prof, want, atol=1e-4)
+    np.testing.assert_allclose(prof[:, :1], crack_share(xs, mean, std).numpy())
+    # A flat crop has no opening: every number 0 (not NaN).
+    flat = crack_share(torch.zeros((1, 1, 48, 48)), mean, std, profile=True)
+    assert torch.equal(flat, torch.zeros_like(flat))
+
+    class Profile(torch.nn.Module):
+        def forward(self, x):
+            return crack_share(x, mean, std, 0.1 / std, profile=True)
+
+    exported = torch.export.export(Profile(), (xs,)).module()
+    torch.testing.assert_close(exported(xs), Profile()(xs))
+    # In the model: the profile's columns in place of the one share, hole_share still last,
+    # and crack_skip still reads the share (the profile's first column).
+    plain = build_model("xcryonet", **TINY, hole_stat=True, crack_stat=True)
+    model = build_model("xcryonet", **TINY, **SKIPS, crack_profile=True).eval()
+    for part in ("primary", "fusion", "branches.contamination"):
+        a = plain.get_submodule(part).classifier.attributes[0].in_features
+        assert model.get_submodule(part).classifier.attributes[0].in_features == a + 6
+    stats = model.primary(xs[:2])["stats"]
+    assert stats.shape == (2, 7 + N_CRACK_PROFILE + 1)
+    profile = crack_share(xs[:2], mean, std, 0.1 / std, profile=True)
+    torch.testing.assert_close(stats[:, 7:-1], profile)
+    torch.testing.assert_close(stats[:, -1:], hole_share(xs[:2], 0.1 / std))
+    assert ("crack_gain", 2, 7) in model.fusion.classifier.skips
+    with pytest.raises(InputError, match="crack_profile needs crack_stat"):
+        ModelConfig(crack_profile=True)
 
 
 @pytest.mark.parametrize("overall_grad", [True, False])

@@ -517,13 +517,15 @@ def test_kill_and_resume_gives_identical_results(dataset, tmp_path, monkeypatch)
 def test_trained_model_loads_predicts_and_evaluates(dataset, tmp_path, extremes, head, hole_stat):
     squares, labels = dataset
     cfg = TrainConfig(**{**TINY_TRAIN.__dict__, "epochs": 1})
-    # The statistics: hole_stat with its skip; with the extremes too, crack_stat with its skip.
+    # The statistics: hole_stat with its skip; with the extremes too, crack_stat with its skip
+    # and profile.
     stats = hole_stat and extremes
     holes = {
         "hole_stat": hole_stat,
         "hole_skip": hole_stat,
         "crack_stat": stats,
         "crack_skip": stats,
+        "crack_profile": stats,
     }
     model_cfg = ModelConfig(**{**TINY_MODEL.__dict__, "extremes": extremes, "head": head, **holes})
     metrics = train(
@@ -605,6 +607,17 @@ def test_bad_input_gets_one_line_errors(dataset, tmp_path):
     (squares / "g1" / "crops.npz").unlink()
     with pytest.raises(InputError, match="cannot read the crops"):
         train(squares, labels, tmp_path / "o", cfg, **kw)
+
+
+def test_a_diverging_run_stops_at_once_and_writes_nothing(dataset, tmp_path):
+    """A learning rate of 1e10 blows every loss up in the first epoch: one line naming the run
+    and the epoch, and no checkpoint, model or metrics that would pass for a trained run."""
+    squares, labels = dataset
+    cfg = TrainConfig(**{**TINY_TRAIN.__dict__, "epochs": 3, "lr": 1e10})
+    with pytest.raises(InputError, match="diverged at epoch 1, non-finite loss") as err:
+        train(squares, labels, tmp_path / "o", cfg, model_cfg=TINY_MODEL, variant="xcryonet")
+    assert "\n" not in str(err.value) and "fusion/fusion_supervised" in str(err.value)
+    assert not [p.name for p in (tmp_path / "o").glob("*") if not p.name.startswith(".")]
 
 
 def test_resume_refuses_other_settings_and_bad_checkpoints(dataset, tmp_path):

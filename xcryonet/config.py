@@ -157,6 +157,9 @@ class ModelConfig:
             "Follow-up 14"). Models saved before this field existed load with false.
         crack_skip: with ``crack_stat``, the answer's cracking output also gets that share
             directly, times a learnt positive gain, as ``hole_skip`` does for contamination.
+        crack_profile: with ``crack_stat``, the classifiers get six more numbers after that
+            share: the shares above three more margins and three soft shares (the mean excess
+            over a margin; ``crack_share(profile=True)``, docs/experiment.md "Follow-up 15").
     """
 
     width: int = 8
@@ -177,12 +180,15 @@ class ModelConfig:
     hole_skip: bool = False
     crack_stat: bool = False
     crack_skip: bool = False
+    crack_profile: bool = False
 
     def __post_init__(self) -> None:
         if self.hole_skip and not (self.hole_stat and self.input_stats):
             raise InputError("model", "hole_skip needs hole_stat and input_stats")
         if self.crack_skip and not (self.crack_stat and self.input_stats):
             raise InputError("model", "crack_skip needs crack_stat and input_stats")
+        if self.crack_profile and not (self.crack_stat and self.input_stats):
+            raise InputError("model", "crack_profile needs crack_stat and input_stats")
         if self.head not in ("regression", "ordinal", "coral"):
             raise InputError(
                 "model", f"head must be regression, ordinal or coral, got {self.head!r}"

@@ -72,10 +72,11 @@ class ResBlock(nn.Module):
 
 def n_stats_of(cfg: ModelConfig) -> int:
     """Statistics the classifiers get, in this order: ``input_stats``'s, ``crack_share`` with
-    ``cfg.crack_stat``, ``hole_share`` with ``cfg.hole_stat`` (last)."""
+    ``cfg.crack_stat`` (its profile's ``N_CRACK_PROFILE`` with ``cfg.crack_profile``),
+    ``hole_share`` with ``cfg.hole_stat`` (last)."""
     if not cfg.input_stats:
         return 0
-    crack = N_CRACK_STATS if cfg.crack_stat else 0
+    crack = (N_CRACK_PROFILE if cfg.crack_profile else N_CRACK_STATS) if cfg.crack_stat else 0
     return N_INPUT_STATS + crack + (N_HOLE_STATS if cfg.hole_stat else 0)
 
 
@@ -131,6 +132,13 @@ N_CRACK_STATS = 1  # ``crack_share``'s column with ``ModelConfig.crack_stat``
 # the share fits the label best with 0.3 (cracking MAE 0.175 at 500 labels against 0.187 with
 # 0.25 and 0.191 with 0.4; bench/crack_probe.py, docs/experiment.md "Follow-up 14").
 CRACK_HEADROOM = 0.3
+# ``crack_share(profile=True)``, with ``ModelConfig.crack_profile``: the shares above more
+# margins, then soft shares (the mean excess over a margin). One monotone map from any of them
+# does worse than CRACK_HEADROOM alone, but gradient boosting on all seven reaches cracking MAE
+# 0.155 at 900 labels against 0.182 from the one (docs/experiment.md "Follow-up 15").
+CRACK_PROFILE_HEADROOMS = (0.2, 0.4, 0.5)
+CRACK_PROFILE_SOFT = (0.05, 0.1, 0.2)
+N_CRACK_PROFILE = 1 + len(CRACK_PROFILE_HEADROOMS) + len(CRACK_PROFILE_SOFT)
 # The open-area threshold, as the extractor draws it: bar level + OPEN_FRACTION x (open - bar),
 # with the 5th percentile as the bar level and the 90th as the open level.
 OPEN_FRACTION = 0.3
@@ -305,10 +313,16 @@ def square_opening(img: Tensor, own: bool = True) -> tuple[Tensor, Tensor]:
 
 
 def crack_share(
-    x: Tensor, norm_mean: float, norm_std: float, min_contrast: float = 0.0, own: bool = True
+    x: Tensor,
+    norm_mean: float,
+    norm_std: float,
+    min_contrast: float = 0.0,
+    own: bool = True,
+    profile: bool = False,
 ) -> Tensor:
-    """The bright share of the square's own opening: (B, C, H, W) normalised inputs -> (B, 1),
-    as 4 * sqrt(share) (0..4, the scale of the scores); channel 0 is read.
+    """The bright share of the square's own opening: (B, C, H, W) normalised inputs -> (B, 1)
+    (``profile``: (B, N_CRACK_PROFILE), that share first), as 4 * sqrt(share) (0..4, the scale
+    of the scores); channel 0 is read.
 
     Bright pixels are those of the opening (``square_opening``) more than ``CRACK_HEADROOM`` of
     the way from the opening's median up to full transmission (1 before the normalisation
@@ -317,6 +331,10 @@ def crack_share(
     relative to the headroom ``1 - t`` finds them on thick and thin ice alike. A square whose
     90th percentile is less than ``min_contrast`` (in the input's units) above its 5th has no
     opening to measure and gets 0. ``own``: see ``square_opening``.
+
+    ``profile`` adds the shares above ``CRACK_PROFILE_HEADROOMS`` and, for each of
+    ``CRACK_PROFILE_SOFT``, the opening's mean excess over that margin in units of the headroom
+    (soft shares: a crack's coverage counted, not thresholded), in that order.
     """
     step = -(-x.shape[-1] // 64)
     img = x[:, :1, ::step, ::step].detach().float()
@@ -327,11 +345,21 @@ def crack_share(
     # The opening's median: the other pixels pushed past the end of each sorted row.
     ordered = sorted_rows(torch.where(op, v, torch.full_like(v, float("inf"))))
     median = ordered.gather(1, ((n_open - 1).clamp(min=0) // 2)[:, None])
+    # No opening (a flat crop): a finite median, so the soft shares stay 0, not inf - inf.
+    median = torch.where(n_open[:, None] > 0, median, torch.zeros_like(median))
     full = (1.0 - norm_mean) / norm_std
-    bright = (v > median + CRACK_HEADROOM * (full - median)) & op
-    share = bright.sum(1) / n_open.clamp(min=1)
+    headroom = full - median
+    shares = []
+    for level in (CRACK_HEADROOM, *(CRACK_PROFILE_HEADROOMS if profile else ())):
+        bright = (v > median + level * headroom) & op
+        shares.append(bright.sum(1) / n_open.clamp(min=1))
+    for level in CRACK_PROFILE_SOFT if profile else ():
+        # The excess over the margin in units of the headroom: a crack's coverage a, summed.
+        excess = (v - median - level * headroom).clamp(min=0) / headroom.clamp(min=1e-3)
+        shares.append((excess * op).sum(1) / n_open.clamp(min=1))
     lit = ((contrast >= min_contrast) & (n_open > 0)).to(img.dtype)
-    return (4 * torch.sqrt(share.to(img.dtype)) * lit)[:, None]
+    share = torch.stack(shares, dim=1).to(img.dtype)
+    return 4 * torch.sqrt(share) * lit[:, None]
 
 
 N_THRESHOLDS = 4  # an ordinal head's "score > k" logits, k = 0..3
@@ -517,6 +545,7 @@ class Branch(nn.Module):
         self.use_stats = cfg.input_stats
         self.hole_stat = cfg.input_stats and cfg.hole_stat
         self.crack_stat = cfg.input_stats and cfg.crack_stat
+        self.crack_profile = cfg.crack_profile
         self.norm = (cfg.norm_mean, cfg.norm_std)
         self.hole_contrast = HOLE_MIN_CONTRAST / cfg.norm_std  # in the normalised input's units
         n_stats = n_stats_of(cfg)
@@ -537,7 +566,8 @@ class Branch(nn.Module):
         feat = self.features(x)
         stats = input_stats(x[:, :1]) if self.use_stats else None
         if stats is not None and self.crack_stat:
-            stats = torch.cat([stats, crack_share(x, *self.norm, self.hole_contrast)], dim=1)
+            cracks = crack_share(x, *self.norm, self.hole_contrast, profile=self.crack_profile)
+            stats = torch.cat([stats, cracks], dim=1)
         if stats is not None and self.hole_stat:
             stats = torch.cat([stats, hole_share(x, self.hole_contrast)], dim=1)
         scores, logits = self.classifier(feat, stats)

@@ -853,6 +853,15 @@ def train(
                 )
                 for k, ph in enumerate(phases)
             }
+        bad = [f"{p}/{k}" for p, d in losses.items() for k, v in d.items() if not math.isfinite(v)]
+        if bad:
+            # Stop before this epoch's checkpoint: the last good one stays for a resume.
+            kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "no checkpoint written"
+            raise InputError(
+                out_dir,
+                f"training diverged at epoch {epoch + 1}, non-finite loss ({', '.join(bad)}); "
+                f"{kept}; check the inputs or lower train.lr",
+            )
         history.append(losses)
         # Validation MAE on the held-out squares (no randomness: resuming stays exact), from one
         # view of each square: test-time augmentation here would add about 20 % to an epoch
