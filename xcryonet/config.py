@@ -160,6 +160,7 @@ class ModelConfig:
         crack_profile: with ``crack_stat``, the classifiers get six more numbers after that
             share: the shares above three more margins and three soft shares (the mean excess
             over a margin; ``crack_share(profile=True)``, docs/experiment.md "Follow-up 15").
+            Models saved before this field existed load with false.
     """
 
     width: int = 8
