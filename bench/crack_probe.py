@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +55,11 @@ from xcryonet.experiment import raw_crops  # noqa: E402
 from xcryonet.labels import SCORE_NAMES  # noqa: E402
 from xcryonet.train import load_squares_set, read_table  # noqa: E402
 
+Splits = list[tuple[np.ndarray, np.ndarray]]  # ``fs_splits``: (labelled rows, test rows)
+Learner = Callable[[np.ndarray, np.ndarray, Splits], list[float]]  # (feats, y, splits) -> MAEs
 
-def gbm_maes(
-    feats: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]]
-) -> list[float]:
+
+def gbm_maes(feats: np.ndarray, y: np.ndarray, splits: Splits) -> list[float]:
     """Rounded cracking MAE per split (``fs_splits``) of the ``features_gbm`` learner on
     ``feats`` (N, F)."""
     maes = []
@@ -68,9 +70,7 @@ def gbm_maes(
     return maes
 
 
-def mlp_maes(
-    feats: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]]
-) -> list[float]:
+def mlp_maes(feats: np.ndarray, y: np.ndarray, splits: Splits) -> list[float]:
     """Rounded cracking MAE per split of a small MLP (64-64 hidden, scikit-learn, seed 0) on
     ``feats`` (N, F): what a cracking path reading only statistics could learn."""
     from sklearn.neural_network import MLPRegressor
@@ -112,27 +112,33 @@ def report(args: argparse.Namespace) -> int:
         own: xm.crack_share(x, cfg.norm_mean, cfg.norm_std, gate, own=own)[:, 0].numpy()
         for own in (True, False)
     }
-    sets = {"own opening": share[True][:, None], "whole crop": share[False][:, None]}
+    cracking = SCORE_NAMES.index("cracking")
+
+    def monotone(feats: np.ndarray, y: np.ndarray, splits: Splits) -> list[float]:
+        return monotone_fit_maes(feats[:, 0], y[:, cracking], splits)
+
+    # name -> (statistics (labelled rows, F), the learner that maps them to the label)
+    sets: dict[str, tuple[np.ndarray, Learner]] = {
+        "own opening": (share[True][:, None], monotone),
+        "whole crop": (share[False][:, None], monotone),
+    }
     profile = xm.crack_share(x, cfg.norm_mean, cfg.norm_std, gate, profile=True).numpy()
-    sets["own opening, profile (7, boosting)"] = profile
+    sets["own opening, profile (7, boosting)"] = (profile, gbm_maes)
     with_stats = np.concatenate([profile, xm.input_stats(x[:, :1]).numpy()], axis=1)
-    sets["own opening, profile + input_stats (14, MLP)"] = with_stats
+    sets["own opening, profile + input_stats (14, MLP)"] = (with_stats, mlp_maes)
     if args.all_features:
         crops, masks = raw_crops(Path(args.squares), table.iloc[rows])
-        sets["boosting, 77 features"] = square_features(crops, masks)[0]
-    cracking = SCORE_NAMES.index("cracking")
+        sets["boosting, 77 features"] = (square_features(crops, masks)[0], gbm_maes)
+    test_fraction = params.train.test_fraction
+    splits = {
+        n: fs_splits(table, n, args.repeats, test_fraction, args.labels) for n in args.labeled
+    }
     print("statistic | labelled | cracking MAE (rounded), mean ± s.d. | per repeat")
-    for name, f in sets.items():
+    for name, (f, learner) in sets.items():
         feats = np.zeros((len(table), f.shape[1]))
         feats[rows] = f
         for n in args.labeled:
-            splits = fs_splits(table, n, args.repeats, params.train.test_fraction, args.labels)
-            if f.shape[1] == 1:
-                maes = monotone_fit_maes(feats[:, 0], y[:, cracking], splits)
-            elif "MLP" in name:
-                maes = mlp_maes(feats, y, splits)
-            else:
-                maes = gbm_maes(feats, y, splits)
+            maes = learner(feats, y, splits[n])
             per = " ".join(f"{m:.3f}" for m in maes)
             print(f"{name} | {n} | {np.mean(maes):.3f} ± {np.std(maes, ddof=1):.3f} | {per}")
     return 0
