@@ -11,6 +11,7 @@ from xcryonet.model import (
     attention_maps,
     build_model,
     dihedral_views,
+    fit_stat_scale,
     parameter_groups,
     undo_dihedral,
 )
@@ -600,6 +601,55 @@ def test_crack_profile_adds_more_margins_and_soft_shares_after_the_share():
     assert ("crack_gain", 2, 7) in model.fusion.classifier.skips
     with pytest.raises(InputError, match="crack_profile needs crack_stat"):
         ModelConfig(crack_profile=True)
+
+
+@pytest.mark.parametrize("variant", sorted(MODELS))
+def test_stat_head_answers_the_mean_of_the_network_and_a_head_on_the_statistics_alone(variant):
+    torch.manual_seed(0)
+    cfg = {**TINY, "head": "coral", "hole_stat": True, "crack_stat": True, "crack_profile": True}
+    model = build_model(variant, **cfg, stat_head=True).eval()
+    x = torch.randn(3, 1, 32, 32)
+    out = model(x, reconstruct=())
+    own = out["scores_fusion" if variant == "xcryonet" else "scores_primary"]
+    torch.testing.assert_close(out["scores"], (own + out["scores_statistics"]) / 2)
+    # A mean has no logits of its own; the head's are its own ordinal ones.
+    assert "logits" not in out and out["logits_statistics"].shape == (3, 5, 4)
+    # The network's own answer is what it is without the head (the same weights).
+    plain = build_model(variant, **cfg).eval()
+    head = ("statistics.", "stat_mean", "stat_scale")
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith(head)}
+    plain.load_state_dict(weights)
+    torch.testing.assert_close(plain(x, reconstruct=())["scores"], own)
+    # The head reads the 15 statistics, standardised, and nothing else: no gradient reaches
+    # the network.
+    assert model.statistics.attributes[0].in_features == 15
+    with torch.no_grad():
+        model.stat_mean.fill_(0.5)
+        model.stat_scale.fill_(2.0)
+        z = (model.primary.statistics(x) - 0.5) / 2.0
+        got = model(x, reconstruct=())["scores_statistics"]
+        torch.testing.assert_close(got, model.statistics([], z)[0])
+    out = model(x, reconstruct=())
+    out["scores_statistics"].sum().backward()
+    reached = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None}
+    assert reached == {"statistics"}
+    assert parameter_groups(model)["statistics"] == list(model.statistics.parameters())
+    with pytest.raises(InputError, match="stat_head needs input_stats"):
+        ModelConfig(stat_head=True, input_stats=False)
+
+
+def test_fit_stat_scale_standardises_what_the_statistics_head_reads():
+    torch.manual_seed(0)
+    model = build_model("xcryonet", **TINY, stat_head=True)
+    x = torch.randn(40, 1, 32, 32) * torch.rand(40, 1, 1, 1) + torch.rand(40, 1, 1, 1)
+    fit_stat_scale(model, x, batch=16)  # in three batches
+    z = (model.primary.statistics(x) - model.stat_mean) / model.stat_scale
+    torch.testing.assert_close(z.mean(0), torch.zeros(7), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.ones(7), atol=1e-4, rtol=0)
+    # Identical squares: no statistic varies, so every scale stays 1 (no division by 0).
+    fit_stat_scale(model, x[:1].expand(5, -1, -1, -1))
+    assert torch.equal(model.stat_scale, torch.ones(7))
+    torch.testing.assert_close(model.stat_mean, model.primary.statistics(x[:1])[0])
 
 
 @pytest.mark.parametrize("overall_grad", [True, False])

@@ -169,12 +169,14 @@ def test_fusion_passes_repeat_the_fusion_phase_only():
 # ----------------------------------------------------------------------------- phases
 
 
+@pytest.mark.parametrize("stat_head", [False, True])
 @pytest.mark.parametrize("variant", sorted(MODELS))
-def test_each_phase_updates_exactly_its_parameters(variant):
+def test_each_phase_updates_exactly_its_parameters(variant, stat_head):
     x, y = batch(labelled=6)
-    for k, phase in enumerate(phases_for(variant)):
+    model_cfg = ModelConfig(**{**TINY_MODEL.__dict__, "stat_head": stat_head})
+    for k, phase in enumerate(phases_for(variant, statistics=stat_head)):
         torch.manual_seed(k)
-        model = build_model(variant, TINY_MODEL)
+        model = build_model(variant, model_cfg)
         groups = parameter_groups(model)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         opt = make_optimizers(model, [phase])[phase.name]
@@ -220,6 +222,12 @@ def test_phases_are_the_papers():
     }
     assert p2.losses == ("attribute_reconstruction",)
     assert p3.trainable == ("fusion",) and p3.losses == ("fusion_supervised",)
+    # model.stat_head: the statistics head trains beside the answer, on its own loss.
+    *_, p3 = phases_for("xcryonet", statistics=True)
+    assert p3.trainable == ("fusion", "statistics")
+    assert p3.losses == ("fusion_supervised", "statistics_supervised")
+    (p,) = phases_for("primary", statistics=True)
+    assert "statistics" in p.trainable and p.losses[-1] == "statistics_supervised"
     assert [p.name for p in phases_for("primary")] == ["primary"]
     assert all(name in LOSSES for p in phases_for("xcryonet") for name in p.losses)
     with pytest.raises(InputError, match="unknown model"):
@@ -526,6 +534,7 @@ def test_trained_model_loads_predicts_and_evaluates(dataset, tmp_path, extremes,
         "crack_stat": stats,
         "crack_skip": stats,
         "crack_profile": stats,
+        "stat_head": stats,
     }
     model_cfg = ModelConfig(**{**TINY_MODEL.__dict__, "extremes": extremes, "head": head, **holes})
     metrics = train(
@@ -541,6 +550,8 @@ def test_trained_model_loads_predicts_and_evaluates(dataset, tmp_path, extremes,
     model, mcfg = load_model(tmp_path / "m")
     assert mcfg == model_cfg and model.variant == "primary"
     assert model.primary.features.stem[0].in_channels == (3 if extremes else 1)
+    if stats:  # the statistics head's standardisation was fitted and saved
+        assert not torch.equal(model.stat_scale, torch.ones_like(model.stat_scale))
     crops = [np.random.default_rng(0).random((s, s)) for s in (10, 20, 33)]
     scores = predict(model, crops)
     assert scores.shape == (3, 5) and (scores >= 0).all() and (scores <= 4).all()

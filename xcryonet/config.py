@@ -161,6 +161,11 @@ class ModelConfig:
             share: the shares above three more margins and three soft shares (the mean excess
             over a margin; ``crack_share(profile=True)``, docs/experiment.md "Follow-up 15").
             Models saved before this field existed load with false.
+        stat_head: with ``input_stats``, a classifier of the same design on the statistics
+            alone (every one the classifiers get, no feature maps) predicts the five scores
+            too, with a loss of its own in the answer's training phase, and the answer is the
+            mean of its scores and the network's (docs/experiment.md, "Follow-up 16"). Models
+            saved before this field existed load with false.
     """
 
     width: int = 8
@@ -182,6 +187,7 @@ class ModelConfig:
     crack_stat: bool = False
     crack_skip: bool = False
     crack_profile: bool = False
+    stat_head: bool = False
 
     def __post_init__(self) -> None:
         if self.hole_skip and not (self.hole_stat and self.input_stats):
@@ -190,6 +196,8 @@ class ModelConfig:
             raise InputError("model", "crack_skip needs crack_stat and input_stats")
         if self.crack_profile and not (self.crack_stat and self.input_stats):
             raise InputError("model", "crack_profile needs crack_stat and input_stats")
+        if self.stat_head and not self.input_stats:
+            raise InputError("model", "stat_head needs input_stats")
         if self.head not in ("regression", "ordinal", "coral"):
             raise InputError(
                 "model", f"head must be regression, ordinal or coral, got {self.head!r}"

@@ -451,13 +451,15 @@ class Classifier(nn.Module):
         self, feats: Tensor | Sequence[Tensor], stats: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """``feats``: (B, C, h, w) feature maps, or several (B, C_i, h_i, w_i) on rasters of
-        their own. Pooled to the means of their ReLU, then the maxes (each in ``feats`` order;
-        for maps of one raster the same vector as pooling their concatenation), plus ``stats``.
+        their own, or none (``[]``, with ``stats``). Pooled to the means of their ReLU, then the
+        maxes (each in ``feats`` order; for maps of one raster the same vector as pooling their
+        concatenation), plus ``stats``.
         """
         relu = [F.relu(f) for f in ([feats] if isinstance(feats, Tensor) else feats)]
         parts = [f.mean(dim=(2, 3)) for f in relu] + [f.amax(dim=(2, 3)) for f in relu]
         if stats is not None:
-            parts.append(stats.to(parts[0].dtype))
+            # No feature maps (``c_in`` 0, the statistics head): the statistics alone.
+            parts.append(stats.to(parts[0].dtype) if parts else stats)
         pooled = torch.cat(parts, dim=1)
         out = self.attributes(pooled)
         if self.skips and stats is not None:
@@ -562,14 +564,22 @@ class Branch(nn.Module):
         )
         self.decoder = Decoder(cfg, c)
 
-    def forward(self, x: Tensor, reconstruct: bool = True) -> dict[str, Tensor]:
-        feat = self.features(x)
-        stats = input_stats(x[:, :1]) if self.use_stats else None
-        if stats is not None and self.crack_stat:
+    def statistics(self, x: Tensor) -> Tensor | None:
+        """The statistics the classifier gets (``n_stats_of``) of inputs (B, C, H, W) ->
+        (B, n_stats), or None without ``input_stats``."""
+        if not self.use_stats:
+            return None
+        stats = input_stats(x[:, :1])
+        if self.crack_stat:
             cracks = crack_share(x, *self.norm, self.hole_contrast, profile=self.crack_profile)
             stats = torch.cat([stats, cracks], dim=1)
-        if stats is not None and self.hole_stat:
+        if self.hole_stat:
             stats = torch.cat([stats, hole_share(x, self.hole_contrast)], dim=1)
+        return stats
+
+    def forward(self, x: Tensor, reconstruct: bool = True) -> dict[str, Tensor]:
+        feat = self.features(x)
+        stats = self.statistics(x)
         scores, logits = self.classifier(feat, stats)
         out = {"features": feat, "scores": scores}
         if logits is not None:
@@ -579,6 +589,22 @@ class Branch(nn.Module):
         if reconstruct:
             out["recon"] = self.decoder(feat, (x.shape[-2], x.shape[-1]))
         return out
+
+
+def answer_classifier(cfg: ModelConfig, c_in: int) -> Classifier:
+    """A classifier of all five scores with the answer's head (``cfg.head``) and skips, on
+    ``c_in`` pooled channels (0: the statistics alone) plus the statistics."""
+    return Classifier(
+        c_in,
+        N_ATTRIBUTES,
+        cfg.hidden,
+        True,
+        n_stats_of(cfg),
+        cfg.overall_grad,
+        cfg.overall_features,
+        cfg.head,
+        stat_skips_of(cfg),
+    )
 
 
 class Fusion(nn.Module):
@@ -598,18 +624,7 @@ class Fusion(nn.Module):
                 nn.Conv2d(n_branches * c_in, c_in, 3, 1, 1, bias=False), _norm(c_in), nn.ReLU()
             )
             c_cls = c_in
-        n_stats = n_stats_of(cfg)
-        self.classifier = Classifier(
-            c_cls,
-            N_ATTRIBUTES,
-            cfg.hidden,
-            True,
-            n_stats,
-            cfg.overall_grad,
-            cfg.overall_features,
-            cfg.head,
-            stat_skips_of(cfg),
-        )
+        self.classifier = answer_classifier(cfg, c_cls)
 
     def forward(
         self, feats: list[Tensor], stats: Tensor | None = None
@@ -633,8 +648,15 @@ class XCryoNet(nn.Module):
         xcryonet only, per attribute a in (cracking, contamination): ``input_<a>`` (B, 1, H, W)
         the attention-weighted input, ``score_<a>`` (B,), ``features_<a>``, ``recon_<a>``;
         with an ordinal ``cfg.head``, ``logits`` (B, 5, N_THRESHOLDS) of the answer (and
-        ``logits_primary`` for the primary variant, whose answer is the primary head).
+        ``logits_primary`` for the primary variant, whose answer is the primary head);
+        xcryonet only, ``scores_fusion`` (B, 5) (and ``logits_fusion``), the fusion's own;
+        with ``cfg.stat_head``, ``scores_statistics`` (B, 5) (and ``logits_statistics``) of the
+        statistics head, and ``scores`` is the mean of it and the primary or fusion scores
+        (without ``logits``: the answer is a mean, not one head's).
     """
+
+    stat_mean: Tensor  # (n_stats,) buffers of the statistics head's standardisation
+    stat_scale: Tensor
 
     def __init__(self, cfg: ModelConfig, attention: bool, variant: str):
         super().__init__()
@@ -655,6 +677,18 @@ class XCryoNet(nn.Module):
                 )
             c = self.primary.features.out_channels
             self.fusion = Fusion(cfg, c, 1 + len(ATTRIBUTE_BRANCHES))
+        # stat_head: a classifier of the same design on the statistics alone (no feature
+        # maps), with a loss of its own; the answer is the mean of its scores and the
+        # network's. Trained beside the network, not through it, so its errors differ. It
+        # reads them standardised (``fit_stat_scale``): the ice and brightness lie in small
+        # differences of the intensity statistics, which a head on the raw numbers misses
+        # (docs/experiment.md, "Follow-up 16").
+        self.statistics: Classifier | None = None
+        if cfg.stat_head:
+            n_stats = n_stats_of(cfg)
+            self.register_buffer("stat_mean", torch.zeros(n_stats))
+            self.register_buffer("stat_scale", torch.ones(n_stats))
+            self.statistics = answer_classifier(cfg, 0)
 
     def forward(self, x: Tensor, reconstruct: Collection[str] | None = None) -> dict[str, Tensor]:
         """Score a batch. ``reconstruct`` names the branches whose decoders run (None = all)."""
@@ -671,7 +705,7 @@ class XCryoNet(nn.Module):
             out["scores"] = p["scores"]
             if "logits" in p:
                 out["logits"] = p["logits"]
-            return out
+            return self._with_statistics(out, p.get("stats"))
         feats = [p["features"]]
         for k, name in enumerate(self.branches):
             xi = x * out["attention"][:, k : k + 1]
@@ -683,16 +717,50 @@ class XCryoNet(nn.Module):
                 out[f"recon_{name}"] = b["recon"]
             feats.append(b["features"])
         out["scores"], logits = self.fusion(feats, p.get("stats"))
+        out["scores_fusion"] = out["scores"]
         if logits is not None:
-            out["logits"] = logits
+            out["logits"] = out["logits_fusion"] = logits
+        return self._with_statistics(out, p.get("stats"))
+
+    def _with_statistics(self, out: dict[str, Tensor], stats: Tensor | None) -> dict[str, Tensor]:
+        """With the statistics head: its outputs, and the answer the mean of its scores and
+        the network's."""
+        if self.statistics is None or stats is None:
+            return out
+        # Its skips get the standardised shares: a positive scale, so still monotone.
+        scores, logits = self.statistics([], (stats - self.stat_mean) / self.stat_scale)
+        out["scores_statistics"] = scores
+        if logits is not None:
+            out["logits_statistics"] = logits
+        out.pop("logits", None)
+        out["scores"] = (out["scores"] + scores.to(out["scores"].dtype)) / 2
         return out
+
+
+@torch.no_grad()
+def fit_stat_scale(model: XCryoNet, x: Tensor, batch: int = 256) -> None:
+    """Set the statistics head's standardisation (``cfg.stat_head``) to the mean and s.d. of
+    each statistic over normalised squares ``x`` (N, C, H, W) (the training squares); a
+    statistic that does not vary keeps scale 1. Without the head, nothing to do."""
+    if model.statistics is None:
+        return
+    device = model.stat_mean.device
+    stats = [
+        model.primary.statistics(x[k : k + batch].to(device).float())
+        for k in range(0, len(x), batch)
+    ]
+    table = torch.cat([s for s in stats if s is not None]).double()
+    std = table.std(0) if len(table) > 1 else torch.zeros(table.shape[1], dtype=table.dtype)
+    model.stat_mean.copy_(table.mean(0))
+    model.stat_scale.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
 
 def parameter_groups(model: XCryoNet) -> dict[str, list[nn.Parameter]]:
     """Named parameter groups that training phases refer to.
 
     Names: ``<branch>.<part>`` for branch in primary, cracking, contamination and part in
-    features, classifier, decoder; and ``fusion``. Every parameter is in exactly one group.
+    features, classifier, decoder; ``fusion``; ``statistics`` (``cfg.stat_head``). Every
+    parameter is in exactly one group.
     """
     groups: dict[str, list[nn.Parameter]] = {}
     branches: dict[str, nn.Module] = {"primary": model.primary, **model.branches}
@@ -701,6 +769,8 @@ def parameter_groups(model: XCryoNet) -> dict[str, list[nn.Parameter]]:
             groups[f"{bname}.{part}"] = list(getattr(branch, part).parameters())
     if model.fusion is not None:
         groups["fusion"] = list(model.fusion.parameters())
+    if model.statistics is not None:
+        groups["statistics"] = list(model.statistics.parameters())
     return groups
 
 

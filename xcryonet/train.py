@@ -41,6 +41,7 @@ from xcryonet.model import (
     ModelConfig,
     XCryoNet,
     build_model,
+    fit_stat_scale,
     in_channels,
     parameter_groups,
     view_mean_outputs,
@@ -146,7 +147,8 @@ LOSSES: dict[str, tuple[Callable[[dict[str, Tensor], Tensor, Tensor], Tensor], t
     ),
     "attribute_supervised": (_attribute_supervised, ()),
     "attribute_reconstruction": (_attribute_reconstruction, tuple(ATTRIBUTE_BRANCHES)),
-    "fusion_supervised": (lambda out, x, y: _supervised(out, "", y), ()),
+    "fusion_supervised": (lambda out, x, y: _supervised(out, "_fusion", y), ()),
+    "statistics_supervised": (lambda out, x, y: _supervised(out, "_statistics", y), ()),
 }
 
 _PRIMARY = ("primary.features", "primary.classifier", "primary.decoder")
@@ -163,6 +165,7 @@ def phases_for(
     recon_weight: float = 1.0,
     attribute_weight: float = 1.0,
     autoencoder_passes: int = 1,
+    statistics: bool = False,
 ) -> tuple[PhaseConfig, ...]:
     """The training phases of a variant, in the order they run each epoch.
 
@@ -170,7 +173,12 @@ def phases_for(
     one pass is a handful of steps); ``autoencoder_passes``: of the attribute autoencoder
     phase. ``recon_weight`` weighs the primary reconstruction loss against the supervised
     ones in phase 1, ``attribute_weight`` the attribute branches' supervised loss.
+    ``statistics`` (``model.stat_head``): the statistics head trains, on its own supervised
+    loss, in the phase that trains the answer (the primary variant's only phase, xcryonet's
+    fusion phase).
     """
+    stat_groups = ("statistics",) if statistics else ()
+    stat_losses = ("statistics_supervised",) if statistics else ()
     if fusion_passes < 1 or autoencoder_passes < 1:
         raise InputError(
             "fusion_passes", f"passes must be at least 1, got {fusion_passes}/{autoencoder_passes}"
@@ -179,10 +187,10 @@ def phases_for(
         return (
             PhaseConfig(
                 "primary",
-                _PRIMARY,
-                ("primary_supervised", "primary_reconstruction"),
+                _PRIMARY + stat_groups,
+                ("primary_supervised", "primary_reconstruction", *stat_losses),
                 lr,
-                weights=(1.0, recon_weight),
+                weights=(1.0, recon_weight, *(1.0 for _ in stat_losses)),
             ),
         )
     if variant == "xcryonet":
@@ -204,7 +212,13 @@ def phases_for(
                 autoencoder_passes,
             ),
             # (3) Fusion only, on the fusion (supervised) loss.
-            PhaseConfig("fusion", ("fusion",), ("fusion_supervised",), lr, fusion_passes),
+            PhaseConfig(
+                "fusion",
+                ("fusion", *stat_groups),
+                ("fusion_supervised", *stat_losses),
+                lr,
+                fusion_passes,
+            ),
         )
     raise InputError("variant", f"unknown model {variant!r} (choose from {', '.join(MODELS)})")
 
@@ -792,6 +806,7 @@ def train(
         recon_weight=cfg.recon_weight,
         attribute_weight=cfg.attribute_weight,
         autoencoder_passes=cfg.autoencoder_passes,
+        statistics=model_cfg.stat_head,
     )
     train_rows = np.concatenate([lab, unl])
     train_set = load_squares_set(
@@ -809,6 +824,7 @@ def train(
 
     torch.manual_seed(cfg.seed)
     model = build_model(variant, model_cfg).to(device)
+    fit_stat_scale(model, train_set.x)  # model.stat_head: standardise on the training squares
     optimizers = make_optimizers(model, phases)
     start, history, seconds = 0, [], 0.0
     val_history: list[dict[str, float | None]] = []
