@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict
+from typing import cast
 
 import numpy as np
 import torch
@@ -745,12 +746,12 @@ def fit_stat_scale(model: XCryoNet, x: Tensor, batch: int = 256) -> None:
     if model.statistics is None:
         return
     device = model.stat_mean.device
-    stats = [
+    parts = [
         model.primary.statistics(x[k : k + batch].to(device).float())
         for k in range(0, len(x), batch)
     ]
-    table = torch.cat([s for s in stats if s is not None]).double()
-    std = table.std(0) if len(table) > 1 else torch.zeros(table.shape[1], dtype=table.dtype)
+    table = torch.cat(cast(list[Tensor], parts)).double()  # stat_head needs input_stats
+    std = table.std(0).nan_to_num(0.0)  # one square: no spread
     model.stat_mean.copy_(table.mean(0))
     model.stat_scale.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 

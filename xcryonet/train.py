@@ -824,7 +824,6 @@ def train(
 
     torch.manual_seed(cfg.seed)
     model = build_model(variant, model_cfg).to(device)
-    fit_stat_scale(model, train_set.x)  # model.stat_head: standardise on the training squares
     optimizers = make_optimizers(model, phases)
     start, history, seconds = 0, [], 0.0
     val_history: list[dict[str, float | None]] = []
@@ -845,6 +844,9 @@ def train(
         start, history, seconds = int(ckpt["epoch"]), list(ckpt["history"]), ckpt["seconds"]
         val_history = list(ckpt.get("val_history", []))
         _set_rng_state(ckpt["rng"])
+    else:
+        # model.stat_head: standardise on the training squares (a resume loads it instead).
+        fit_stat_scale(model, train_set.x)
 
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
