@@ -638,6 +638,55 @@ def test_stat_head_answers_the_mean_of_the_network_and_a_head_on_the_statistics_
         ModelConfig(stat_head=True, input_stats=False)
 
 
+def test_pool_input_averages_the_square_and_keeps_the_extremes():
+    from xcryonet.model import pool_input
+
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4).neg_()
+    got = pool_input(x, 2)
+    assert got.shape == (2, 3, 2, 2)
+    blocks = x.reshape(2, 3, 2, 2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(2, 3, 2, 2, 4)
+    torch.testing.assert_close(got[:, 0], blocks[:, 0].mean(-1))
+    torch.testing.assert_close(got[:, 1], blocks[:, 1].amax(-1))
+    torch.testing.assert_close(got[:, 2], blocks[:, 2].amin(-1))
+    assert torch.equal(pool_input(x[:, :1], 2), got[:, :1])  # no extremes: the mean alone
+    assert pool_input(x, 1) is x
+
+
+@pytest.mark.parametrize("variant", sorted(MODELS))
+def test_stat_px_reads_the_crack_statistics_finer_than_the_network_sees(variant):
+    from xcryonet.model import N_CRACK_PROFILE, crack_share, hole_share, pool_input
+
+    mean, std = 0.5, 0.3
+    cfg = {**TINY, **SKIPS, "extremes": True, "crack_profile": True, "stat_head": True}
+    torch.manual_seed(0)
+    model = build_model(variant, **cfg, stat_px=64).eval()
+    coarse = build_model(variant, **cfg).eval()  # the same network at 32 px, same weights
+    coarse.load_state_dict(model.state_dict())
+    fine = np.repeat((torch.from_numpy(_streaked_squares(4, seed=2)) - mean) / std, 3, axis=1)
+    x = torch.nn.functional.interpolate(fine, size=64, mode="bilinear", antialias=True)
+    seen = pool_input(x, 2)
+    out, ref = model(x), coarse(seen)
+    # The network and its maps see the squares pooled to 32 px ...
+    assert torch.equal(out["input"], seen) and out["attention"].shape == (4, 2, 32, 32)
+    assert out["recon_primary"].shape == seen.shape
+    torch.testing.assert_close(out["features_primary"], ref["features_primary"])
+    # ... and the crack profile is read at 64 px; the other statistics as before.
+    stats = model.input_statistics(x)
+    torch.testing.assert_close(stats[:, :7], coarse.input_statistics(seen)[:, :7])
+    cracks = crack_share(x, mean, std, 0.1 / std, profile=True, max_px=64)
+    torch.testing.assert_close(stats[:, 7 : 7 + N_CRACK_PROFILE], cracks)
+    torch.testing.assert_close(stats[:, -1:], hole_share(seen, 0.1 / std))
+    assert not torch.allclose(cracks, crack_share(seen, mean, std, 0.1 / std, profile=True))
+    # Test-time views of the fine input are views of the pooled one: the maps still align.
+    maps = attention_maps(model, x, tta=True)
+    torch.testing.assert_close(maps, attention_maps(coarse, seen, tta=True), atol=1e-3, rtol=0)
+    for bad in (48, 16):
+        with pytest.raises(InputError, match="stat_px must be 0 or a multiple of input_px"):
+            ModelConfig(**cfg, stat_px=bad)
+    with pytest.raises(InputError, match="stat_px needs crack_stat"):
+        ModelConfig(stat_px=128)
+
+
 def test_fit_stat_scale_standardises_what_the_statistics_head_reads():
     torch.manual_seed(0)
     model = build_model("xcryonet", **TINY, stat_head=True)

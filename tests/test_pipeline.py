@@ -205,14 +205,20 @@ def test_registry_errors_are_one_line(tracked):
         tracking.rollback(other)
 
 
-@pytest.mark.parametrize(("tta", "extremes"), [(True, False), (False, False), (True, True)])
-def test_scoring_model_matches_predict_at_any_size(tta, extremes):
+@pytest.mark.parametrize(
+    ("tta", "extremes", "fine"),
+    [(True, False, False), (False, False, False), (True, True, False), (True, True, True)],
+)
+def test_scoring_model_matches_predict_at_any_size(tta, extremes, fine):
     torch.manual_seed(0)
     from dataclasses import replace
 
     from xcryonet.model import build_model
 
-    model = build_model("xcryonet", replace(TINY_MODEL, tta=tta, extremes=extremes)).eval()
+    # fine: the crack profile read at twice the network's side (model.stat_px).
+    cracks = {"crack_stat": True, "crack_profile": True, "stat_px": 2 * TINY_MODEL.input_px}
+    cfg = replace(TINY_MODEL, tta=tta, extremes=extremes, **(cracks if fine else {}))
+    model = build_model("xcryonet", cfg).eval()
     wrapped = tracking.ScoringModel(model).eval()
     crops = np.random.default_rng(0).random((2, 23, 23)).astype(np.float32)
     with torch.no_grad():

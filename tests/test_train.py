@@ -528,7 +528,7 @@ def test_trained_model_loads_predicts_and_evaluates(dataset, tmp_path, extremes,
     squares, labels = dataset
     cfg = TrainConfig(**{**TINY_TRAIN.__dict__, "epochs": 1})
     # The statistics: hole_stat with its skip; with the extremes too, crack_stat with its skip
-    # and profile.
+    # and profile, read at twice the network's side (stat_px).
     stats = hole_stat and extremes
     holes = {
         "hole_stat": hole_stat,
@@ -537,6 +537,7 @@ def test_trained_model_loads_predicts_and_evaluates(dataset, tmp_path, extremes,
         "crack_skip": stats,
         "crack_profile": stats,
         "stat_head": stats,
+        "stat_px": 2 * TINY_MODEL.input_px if stats else 0,
     }
     model_cfg = ModelConfig(**{**TINY_MODEL.__dict__, "extremes": extremes, "head": head, **holes})
     metrics = train(
@@ -557,6 +558,13 @@ def test_trained_model_loads_predicts_and_evaluates(dataset, tmp_path, extremes,
     crops = [np.random.default_rng(0).random((s, s)) for s in (10, 20, 33)]
     scores = predict(model, crops)
     assert scores.shape == (3, 5) and (scores >= 0).all() and (scores <= 4).all()
+    # The overlays show what the network saw: the squares at its side, whatever stat_px.
+    from xcryonet.explain import score_and_explain
+
+    shown, inputs, maps = score_and_explain(model, crops)
+    px = TINY_MODEL.input_px
+    assert inputs.shape == (3, px, px) and maps.shape == (3, 2, px, px)
+    np.testing.assert_allclose(shown, scores, atol=1e-5)
     mae = evaluate_dir(tmp_path / "m", squares, labels)
     assert set(mae) == {"brightness", "squareness", "cracking", "contamination", "overall"}
     assert all(v is not None and v >= 0 for v in mae.values())

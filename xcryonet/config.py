@@ -166,6 +166,15 @@ class ModelConfig:
             too, with a loss of its own in the answer's training phase, and the answer is the
             mean of its scores and the network's (docs/experiment.md, "Follow-up 16"). Models
             saved before this field existed load with false.
+        stat_px: with ``crack_stat``, the side the square arrives at (0 = ``input_px``): the
+            crack statistics are read from it, and the network and every other statistic from
+            it pooled down to ``input_px`` (mean, and with ``extremes`` max and min, over
+            ``stat_px // input_px`` pixels a side; ``xcryonet.model.pool_input``). A hairline
+            crack is a few pixels at 64 px; read at 128 px, the statistics alone score
+            cracking against the simulator's truth with 0.054 MAE instead of 0.072 at 900
+            labels (a small MLP, ``bench/stat_px_probe.py``; docs/experiment.md, "Follow-up
+            17"). A multiple of ``input_px``; models saved before this field existed load
+            with 0.
     """
 
     width: int = 8
@@ -188,6 +197,7 @@ class ModelConfig:
     crack_skip: bool = False
     crack_profile: bool = False
     stat_head: bool = False
+    stat_px: int = 0
 
     def __post_init__(self) -> None:
         if self.hole_skip and not (self.hole_stat and self.input_stats):
@@ -211,6 +221,24 @@ class ModelConfig:
             )
         if self.norm_std <= 0:
             raise InputError("model", f"norm_std must be > 0, got {self.norm_std}")
+        if self.stat_px and (self.stat_px < self.input_px or self.stat_px % self.input_px):
+            raise InputError(
+                "model",
+                f"stat_px must be 0 or a multiple of input_px ({self.input_px}), "
+                f"got {self.stat_px}",
+            )
+        if self.stat_px and not (self.crack_stat and self.input_stats):
+            raise InputError("model", "stat_px needs crack_stat and input_stats")
+
+    @property
+    def data_px(self) -> int:
+        """The side squares are resampled to for the model: ``stat_px``, else ``input_px``."""
+        return self.stat_px or self.input_px
+
+    @property
+    def pool_factor(self) -> int:
+        """How many input pixels a side the model pools into one network pixel (1: none)."""
+        return self.data_px // self.input_px
 
     @property
     def attribute_stem_stride(self) -> int:

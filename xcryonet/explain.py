@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from xcryonet.labels import SCORE_NAMES
-from xcryonet.model import XCryoNet
+from xcryonet.model import XCryoNet, pool_input
 from xcryonet.train import normalize, resample, view_mean_batches
 
 
@@ -33,12 +33,16 @@ def score_and_explain(
             np.zeros((0, px, px), np.float32),
             np.zeros((0, 2, px, px), np.float32),
         )
-    x = torch.cat([resample(np.asarray(c, np.float32)[None], px, cfg.extremes) for c in crops])
+    x = torch.cat(
+        [resample(np.asarray(c, np.float32)[None], cfg.data_px, cfg.extremes) for c in crops]
+    )
     scores, maps = view_mean_batches(
         model, x, batch_size, maps=True, prepare=lambda xb: normalize(xb, cfg)
     )
     assert maps is not None
-    return scores.numpy(), x[:, 0].float().numpy(), maps.numpy()
+    # model.stat_px: the network (and its maps) see the squares pooled to input_px.
+    seen = pool_input(x[:, :1], cfg.pool_factor)[:, 0]
+    return scores.numpy(), seen.float().numpy(), maps.numpy()
 
 
 def square_attention(

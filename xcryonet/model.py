@@ -1,7 +1,7 @@
 """XCryoNet: the attention-guided square scorer, one ``nn.Module`` per concept.
 
 Shapes: images are (B, C, H, W) float32 (C = 1, or 3 with ``ModelConfig.extremes``; any H, W;
-H = W = ``ModelConfig.input_px`` in training); scores are (B, 5) in ``SCORE_NAMES`` order
+H = W = ``ModelConfig.data_px`` in training); scores are (B, 5) in ``SCORE_NAMES`` order
 (brightness, squareness, cracking, contamination, overall), on the 0..4 label scale.
 
 Layout (paper, Fig. 2):
@@ -320,6 +320,7 @@ def crack_share(
     min_contrast: float = 0.0,
     own: bool = True,
     profile: bool = False,
+    max_px: int = 64,
 ) -> Tensor:
     """The bright share of the square's own opening: (B, C, H, W) normalised inputs -> (B, 1)
     (``profile``: (B, N_CRACK_PROFILE), that share first), as 4 * sqrt(share) (0..4, the scale
@@ -336,8 +337,10 @@ def crack_share(
     ``profile`` adds the shares above ``CRACK_PROFILE_HEADROOMS`` and, for each of
     ``CRACK_PROFILE_SOFT``, the opening's mean excess over that margin in units of the headroom
     (soft shares: a crack's coverage counted, not thresholded), in that order.
+
+    Inputs wider than ``max_px`` are read at every ``ceil(W / max_px)``-th pixel.
     """
-    step = -(-x.shape[-1] // 64)
+    step = -(-x.shape[-1] // max_px)
     img = x[:, :1, ::step, ::step].detach().float()
     opening, contrast = square_opening(img, own)
     op = opening.flatten(1)
@@ -527,6 +530,18 @@ class Attention(nn.Module):
         return torch.sigmoid(up)
 
 
+def pool_input(x: Tensor, k: int) -> Tensor:
+    """(B, C, kH, kW) model inputs -> (B, C, H, W): channel 0 (the resampled square) averaged
+    over each k x k block; with ``extremes`` (C = 3) channel 1 its maximum, channel 2 its
+    minimum, so they stay the largest and smallest native pixel under each coarser pixel."""
+    if k == 1:
+        return x
+    parts = [F.avg_pool2d(x[:, :1], k)]
+    if x.shape[1] > 1:
+        parts += [F.max_pool2d(x[:, 1:2], k), -F.max_pool2d(-x[:, 2:3], k)]
+    return torch.cat(parts, dim=1)
+
+
 class Branch(nn.Module):
     """Feature net + classifier + decoder: the primary branch, or an attribute branch.
 
@@ -565,22 +580,29 @@ class Branch(nn.Module):
         )
         self.decoder = Decoder(cfg, c)
 
-    def statistics(self, x: Tensor) -> Tensor | None:
+    def statistics(self, x: Tensor, fine: Tensor | None = None) -> Tensor | None:
         """The statistics the classifier gets (``n_stats_of``) of inputs (B, C, H, W) ->
-        (B, n_stats), or None without ``input_stats``."""
+        (B, n_stats), or None without ``input_stats``. ``fine`` (B, C, kH, kW): the same
+        squares before ``pool_input`` (``ModelConfig.stat_px``), which the crack statistics
+        are read from, at full resolution."""
         if not self.use_stats:
             return None
         stats = input_stats(x[:, :1])
         if self.crack_stat:
-            cracks = crack_share(x, *self.norm, self.hole_contrast, profile=self.crack_profile)
+            src, px = (x, 64) if fine is None else (fine, fine.shape[-1])
+            cracks = crack_share(
+                src, *self.norm, self.hole_contrast, profile=self.crack_profile, max_px=px
+            )
             stats = torch.cat([stats, cracks], dim=1)
         if self.hole_stat:
             stats = torch.cat([stats, hole_share(x, self.hole_contrast)], dim=1)
         return stats
 
-    def forward(self, x: Tensor, reconstruct: bool = True) -> dict[str, Tensor]:
+    def forward(
+        self, x: Tensor, reconstruct: bool = True, fine: Tensor | None = None
+    ) -> dict[str, Tensor]:
         feat = self.features(x)
-        stats = self.statistics(x)
+        stats = self.statistics(x, fine)
         scores, logits = self.classifier(feat, stats)
         out = {"features": feat, "scores": scores}
         if logits is not None:
@@ -644,6 +666,9 @@ class XCryoNet(nn.Module):
 
     ``forward(x)`` returns a dict:
         ``scores`` (B, 5): the model's answer (fusion for xcryonet, primary for primary);
+        ``input`` (B, C, H/k, W/k): what the network saw (``network_input``; k =
+        ``cfg.pool_factor``, 1 unless ``cfg.stat_px``; the maps and reconstructions are
+        on its raster);
         ``scores_primary`` (B, 5); ``attention`` (B, 2, H, W) in (0, 1);
         ``features_primary`` (B, C, h, w); ``recon_primary`` (B, 1, H, W);
         xcryonet only, per attribute a in (cracking, contamination): ``input_<a>`` (B, 1, H, W)
@@ -693,10 +718,11 @@ class XCryoNet(nn.Module):
 
     def forward(self, x: Tensor, reconstruct: Collection[str] | None = None) -> dict[str, Tensor]:
         """Score a batch. ``reconstruct`` names the branches whose decoders run (None = all)."""
+        x, fine = self.network_input(x)
         size = (x.shape[-2], x.shape[-1])
         want = set(reconstruct) if reconstruct is not None else {"primary", *self.branches}
-        p = self.primary(x, reconstruct="primary" in want)
-        out = {"scores_primary": p["scores"], "features_primary": p["features"]}
+        p = self.primary(x, reconstruct="primary" in want, fine=fine)
+        out = {"input": x, "scores_primary": p["scores"], "features_primary": p["features"]}
         if "logits" in p:
             out["logits_primary"] = p["logits"]
         if "recon" in p:
@@ -723,6 +749,19 @@ class XCryoNet(nn.Module):
             out["logits"] = out["logits_fusion"] = logits
         return self._with_statistics(out, p.get("stats"))
 
+    def network_input(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Inputs (B, C, H, W) -> (what the network sees, the inputs the crack statistics are
+        read from or None). With ``cfg.stat_px`` the squares arrive ``cfg.pool_factor`` times
+        finer than the network's raster and are pooled to it (``pool_input``)."""
+        k = self.cfg.pool_factor
+        return (x, None) if k == 1 else (pool_input(x, k), x)
+
+    def input_statistics(self, x: Tensor) -> Tensor | None:
+        """The primary classifier's statistics of inputs (B, C, H, W) as ``forward`` takes
+        them -> (B, n_stats), or None without ``input_stats``."""
+        net, fine = self.network_input(x)
+        return self.primary.statistics(net, fine)
+
     def _with_statistics(self, out: dict[str, Tensor], stats: Tensor | None) -> dict[str, Tensor]:
         """With the statistics head: its outputs, and the answer the mean of its scores and
         the network's."""
@@ -747,8 +786,7 @@ def fit_stat_scale(model: XCryoNet, x: Tensor, batch: int = 256) -> None:
         return
     device = model.stat_mean.device
     parts = [
-        model.primary.statistics(x[k : k + batch].to(device).float())
-        for k in range(0, len(x), batch)
+        model.input_statistics(x[k : k + batch].to(device).float()) for k in range(0, len(x), batch)
     ]
     table = torch.cat(cast(list[Tensor], parts)).double()  # stat_head needs input_stats
     std = table.std(0).nan_to_num(0.0)  # one square: no spread
@@ -861,7 +899,8 @@ def view_mean_outputs(
 def attention_maps(model: XCryoNet, x: Tensor, tta: bool | None = None) -> Tensor:
     """Cracking and contamination attention for normalised squares x (B, 1, H, W).
 
-    Returns (B, 2, H, W) float32 in (0, 1), channel 0 cracking, 1 contamination. ``tta``
+    Returns (B, 2, H/k, W/k) float32 in (0, 1), channel 0 cracking, 1 contamination, on the
+    network's raster (k = ``cfg.pool_factor``, 1 unless ``cfg.stat_px``). ``tta``
     (None = the model's ``cfg.tta``): the mean of the maps over the square's 8 views, each
     turned back. For the primary variant the maps come from its (unguided) features, so they
     mean little.

@@ -139,7 +139,7 @@ class ScoringModel(nn.Module):
         super().__init__()
         self.model = model
         cfg = model.cfg
-        self.px, self.mean, self.std = int(cfg.input_px), float(cfg.norm_mean), float(cfg.norm_std)
+        self.px, self.mean, self.std = int(cfg.data_px), float(cfg.norm_mean), float(cfg.norm_std)
         self.tta = bool(cfg.tta)
         self.extremes = bool(cfg.extremes)
 
@@ -167,7 +167,7 @@ def log_model(model_dir: Path) -> str:
     from xcryonet.train import MODEL_FILE, load_model
 
     model, cfg = load_model(model_dir)
-    example = np.random.default_rng(0).random((2, 1, cfg.input_px + 8, cfg.input_px + 8))
+    example = np.random.default_rng(0).random((2, 1, cfg.data_px + 8, cfg.data_px + 8))
     info = mlflow.pytorch.log_model(
         ScoringModel(model).eval(),
         name=MODEL_ARTIFACT,

@@ -142,7 +142,8 @@ def _attribute_reconstruction(out: dict[str, Tensor], x: Tensor, y: Tensor) -> T
 LOSSES: dict[str, tuple[Callable[[dict[str, Tensor], Tensor, Tensor], Tensor], tuple[str, ...]]] = {
     "primary_supervised": (lambda out, x, y: _supervised(out, "_primary", y), ()),
     "primary_reconstruction": (
-        lambda out, x, y: F.mse_loss(out["recon_primary"].float(), x.float()),
+        # out["input"]: what the network saw (x pooled with model.stat_px).
+        lambda out, x, y: F.mse_loss(out["recon_primary"].float(), out["input"].float()),
         ("primary",),
     ),
     "attribute_supervised": (_attribute_supervised, ()),
@@ -299,8 +300,9 @@ def resample(crops: np.ndarray | Tensor, px: int, extremes: bool = False) -> Ten
 
 
 def model_input(crops: np.ndarray | Tensor, cfg: ModelConfig) -> Tensor:
-    """(N, S, S) raw crops of one size -> the model's normalised (N, C, P, P) input."""
-    return normalize(resample(crops, cfg.input_px, cfg.extremes), cfg)
+    """(N, S, S) raw crops of one size -> the model's normalised (N, C, P, P) input, P =
+    ``cfg.data_px``."""
+    return normalize(resample(crops, cfg.data_px, cfg.extremes), cfg)
 
 
 def read_table(squares_dir: str | Path, labels_csv: str | Path) -> pd.DataFrame:
@@ -326,9 +328,7 @@ def load_squares_set(
     """
     from xcryonet.stages import load_crops
 
-    xs = torch.zeros(
-        (len(table), in_channels(cfg), cfg.input_px, cfg.input_px), dtype=torch.float16
-    )
+    xs = torch.zeros((len(table), in_channels(cfg), cfg.data_px, cfg.data_px), dtype=torch.float16)
     pos = np.arange(len(table))
     for grid_id, rows in table.groupby("grid_id", sort=True).groups.items():
         where = pos[table.index.get_indexer(rows)]
@@ -610,13 +610,15 @@ def view_mean_batches(
             normalised copy of x is never held.
 
     Returns:
-        scores (N, 5) float32 on the CPU, clipped to 0..4 after averaging; maps (N, 2, P, P)
-        float32 in (0, 1) (channel 0 cracking, 1 contamination), or None without ``maps``.
+        scores (N, 5) float32 on the CPU, clipped to 0..4 after averaging; maps (N, 2, P/k,
+        P/k) (k = ``cfg.pool_factor``) float32 in (0, 1) (channel 0 cracking, 1
+        contamination), or None without ``maps``.
     """
     device = next(model.parameters()).device
     use_tta = model.cfg.tta if tta is None else tta
     step = max(1, batch_size // 8) if use_tta else batch_size
-    scores, att = [torch.zeros((0, 5))], [torch.zeros((0, 2, *x.shape[-2:]))]
+    k = model.cfg.pool_factor  # model.stat_px: the maps are on the network's raster
+    scores, att = [torch.zeros((0, 5))], [torch.zeros((0, 2, x.shape[-2] // k, x.shape[-1] // k))]
     was_training = model.training
     model.eval()
     try:
